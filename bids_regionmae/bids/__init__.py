@@ -1,0 +1,1 @@
+"""Discovery of fMRIPrep derivatives and phenotype labels."""
