@@ -49,7 +49,7 @@ def source_to_model(array: np.ndarray, fill: float | int = 0) -> np.ndarray:
                          f"got {array.shape}")
     out = np.full(MODEL_SHAPE + array.shape[3:], fill, dtype=array.dtype)
     src, dst = [], []
-    for offset, n_src, n_dst in zip(MODEL_OFFSET, SOURCE_SHAPE, MODEL_SHAPE):
+    for offset, n_src, n_dst in zip(MODEL_OFFSET, SOURCE_SHAPE, MODEL_SHAPE, strict=True):
         start_src = max(offset, 0)
         start_dst = max(-offset, 0)
         length = min(n_src - start_src, n_dst - start_dst)

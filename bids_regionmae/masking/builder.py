@@ -1,0 +1,346 @@
+"""Build a configured token-mask sampler from a region label map.
+
+:func:`build_masker` does the voxel-to-patch work once (on the target
+device); the returned :class:`Masker` then only draws random numbers per
+training step::
+
+    masker = build_masker("region", atlas_labels, (6, 6, 6, 1), labels=cerebellum, T=20,
+                          brain_mask=brain)
+    mask = masker(batch_size=8, generator=gen, device="cuda")  # (8, 16, 16, 16, 20)
+
+Strategies
+----------
+``random``
+    NeuroSTORM's random tube masking: ``round(ratio * n)`` random patches
+    masked in every frame, out of ``n`` candidate patches. ``candidates="all"``
+    (default, NeuroSTORM and the paper's baseline) draws from every patch of
+    the grid; ``candidates="brain"`` only from brain patches. In expectation
+    both mask the same share of the brain.
+``region``
+    The patches of the selected label(s) (their union, under ``rule``), in
+    every frame. ``fraction < 1`` masks a random ``round(fraction * n)`` of
+    them per sample.
+``random-region``
+    Whole regions drawn at random per sample until ``round(ratio * n_brain)``
+    patches are masked; the last region drawn is kept whole, so the ratio is
+    exceeded by less than one region. The regions are the non-zero labels
+    (of ``labels`` if given, else all) that keep at least one patch under
+    ``rule``; each region's patches are judged separately.
+
+Brain patches are patches with at least one brain voxel (``any`` rule), where
+the brain is ``brain_mask`` if given, else ``voxel_labels > 0``; every such
+patch contributes to the in-brain loss.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+
+from .patches import (
+    PATCH_RULES,
+    PatchRule,
+    apply_patch_rule,
+    check_patch_size,
+    label_patch_fractions,
+    patch_fraction,
+    region_patches,
+)
+from .strategies import (
+    EmptyRegionError,
+    _check_fraction,
+    n_to_mask,
+    random_region_mask,
+    random_tube_mask,
+    region_tube_mask,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CANDIDATES", "STRATEGIES", "Masker", "build_masker"]
+
+Strategy = Literal["random", "region", "random-region"]
+STRATEGIES: tuple[str, ...] = ("random", "region", "random-region")
+CANDIDATES: tuple[str, ...] = ("all", "brain")
+
+
+class Masker:
+    """A configured token-mask sampler; build it with :func:`build_masker`.
+
+    Attributes
+    ----------
+    strategy : str
+        One of :data:`STRATEGIES`.
+    patch_size : tuple of 4 int
+        ``(px, py, pz, pt)``.
+    grid : tuple of 4 int
+        Token grid ``(D, H, W, T)``.
+    region_patch_map : BoolTensor, shape (D, H, W)
+        Patches this masker can mask: the candidates (``random``), the
+        selected region(s) (``region``) or the union of the region pool
+        (``random-region``). For figures.
+    label_patch_map : LongTensor, shape (D, H, W)
+        Label whose voxels cover the largest share of each patch, 0 where that
+        label does not hold the patch under ``rule``. For figures.
+    region_labels : LongTensor, shape (R,)
+        ``random-region`` only (else empty): the labels of ``region_maps``.
+    region_maps : BoolTensor, shape (R, D, H, W)
+        ``random-region`` only (else shape (0, D, H, W)): each region's patches.
+    empty_labels : list of int
+        Requested (or pooled) labels with no patch under ``rule``.
+    """
+
+    def __init__(self, strategy: str, patch_size: tuple[int, int, int, int], grid: tuple[int, int, int, int],
+                 *, region_patch_map: torch.Tensor, label_patch_map: torch.Tensor, rule: str,
+                 ratio: float | None, fraction: float | None, candidates: str | None,
+                 n_candidates: int, labels: list[int], empty_labels: list[int],
+                 region_labels: torch.Tensor, region_maps: torch.Tensor, brain_mask_given: bool):
+        self.strategy = strategy
+        self.patch_size = patch_size
+        self.grid = grid
+        self.region_patch_map = region_patch_map
+        self.label_patch_map = label_patch_map
+        self.rule = rule
+        self.ratio = ratio
+        self.fraction = fraction
+        self.candidates = candidates
+        self.n_candidates = n_candidates
+        self.labels = labels
+        self.empty_labels = empty_labels
+        self.region_labels = region_labels
+        self.region_maps = region_maps
+        self.brain_mask_given = brain_mask_given
+        self.device = region_patch_map.device
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _maps_on(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(torch.device(device))
+        if key not in self._cache:
+            self._cache[key] = (self.region_patch_map.to(device), self.region_maps.to(device))
+        return self._cache[key]
+
+    def __call__(self, batch_size: int, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+        """Draw one batch of token masks.
+
+        Parameters
+        ----------
+        batch_size : int
+            ``B``.
+        generator : torch.Generator, optional
+            Source of randomness (any device; see
+            :mod:`bids_regionmae.masking.strategies`). Deterministic given its state.
+        device : torch.device or str, optional
+            Device of the mask, normally the model's; default: the build device.
+
+        Returns
+        -------
+        BoolTensor, shape (B, D, H, W, T)
+            True = masked token; the same spatial pattern in every frame.
+        """
+        device = self.device if device is None else torch.device(device)
+        pmap, rmaps = self._maps_on(device)
+        T = self.grid[3]
+        if self.strategy == "random":
+            return random_tube_mask(pmap, batch_size, T, self.ratio, generator=generator, device=device)
+        if self.strategy == "region":
+            return region_tube_mask(pmap, batch_size, T, fraction=self.fraction, generator=generator,
+                                    device=device)
+        return random_region_mask(rmaps, batch_size, T, self.ratio, n_candidates=self.n_candidates,
+                                  generator=generator, device=device)
+
+    @property
+    def n_region_patches(self) -> int:
+        """Number of patches in :attr:`region_patch_map`."""
+        return int(self.region_patch_map.sum())
+
+    def describe(self) -> dict[str, Any]:
+        """JSON/TOML-serialisable description for the run record.
+
+        Returns
+        -------
+        dict
+            ``strategy``, ``patch_size``, ``token_grid``, ``rule``, ``ratio``,
+            ``fraction``, ``candidates``, ``labels``, ``empty_labels``,
+            ``n_region_patches``, ``n_candidate_patches``,
+            ``n_masked_patches`` (exact per sample for ``random`` and
+            ``region``, the target for ``random-region``),
+            ``masked_patch_ratio`` (``n_masked_patches / n_candidate_patches``)
+            and ``brain_mask``. Keys that do not apply are None.
+        """
+        if self.strategy == "region":
+            n_masked = n_to_mask(self.fraction, self.n_region_patches)
+        else:
+            n_masked = n_to_mask(self.ratio, self.n_candidates)
+        return {
+            "strategy": self.strategy,
+            "patch_size": list(self.patch_size),
+            "token_grid": list(self.grid),
+            "rule": self.rule,
+            "ratio": self.ratio,
+            "fraction": self.fraction,
+            "candidates": self.candidates,
+            "labels": list(self.labels),
+            "empty_labels": list(self.empty_labels),
+            "n_region_patches": self.n_region_patches,
+            "n_candidate_patches": self.n_candidates,
+            "n_masked_patches": n_masked,
+            "masked_patch_ratio": n_masked / self.n_candidates if self.n_candidates else None,
+            "brain_mask": self.brain_mask_given,
+        }
+
+    def __repr__(self) -> str:
+        d = self.describe()
+        return (f"Masker(strategy={d['strategy']!r}, grid={tuple(d['token_grid'])}, rule={d['rule']!r}, "
+                f"ratio={d['ratio']}, fraction={d['fraction']}, n_region_patches={d['n_region_patches']})")
+
+
+def _warn_empty(empty: list[int], rule: str, patch_size: Sequence[int], what: str) -> None:
+    if empty:
+        logger.warning("%d %s have no patch under the %r rule at patch size %s and are never masked: "
+                       "labels %s", len(empty), what, rule, tuple(patch_size[:3]), empty)
+
+
+def build_masker(strategy: Strategy, voxel_labels: torch.Tensor, patch_size: Sequence[int], *,
+                 labels: Sequence[int] | None = None, ratio: float = 0.5, fraction: float = 1.0,
+                 rule: PatchRule = "majority", brain_mask: torch.Tensor | None = None, T: int,
+                 candidates: Literal["all", "brain"] = "all",
+                 device: torch.device | str | None = None) -> Masker:
+    """Precompute patch maps for a masking strategy and return its sampler.
+
+    Parameters
+    ----------
+    strategy : {'random', 'region', 'random-region'}
+        See the module docstring.
+    voxel_labels : IntTensor, shape (X, Y, Z)
+        Atlas label per voxel on the model grid (0 = background).
+    patch_size : sequence of 3 or 4 int
+        ``(px, py, pz[, pt])``; must divide ``(X, Y, Z, T)``.
+    labels : sequence of int, optional
+        ``region``: the labels to mask (required; e.g. a lobe group's labels
+        or several groups' labels together). ``random-region``: the pool of
+        regions to draw from (default: every non-zero label). Ignored by
+        ``random``.
+    ratio : float
+        ``random`` and ``random-region``: target masked fraction in (0, 1].
+    fraction : float
+        ``region``: fraction of the region's patches masked, in (0, 1].
+    rule : {'any', 'majority', 'all'}
+        How a region's voxels make a patch belong to it.
+    brain_mask : BoolTensor, shape (X, Y, Z), optional
+        Brain voxels; default ``voxel_labels > 0``. Defines brain patches
+        (``candidates="brain"`` and the ``random-region`` denominator).
+    T : int
+        Number of frames of the input clip.
+    candidates : {'all', 'brain'}
+        ``random`` only: draw from every patch (NeuroSTORM) or brain patches.
+    device : torch.device or str, optional
+        Where patch maps are precomputed and kept; default: ``voxel_labels.device``.
+
+    Returns
+    -------
+    Masker
+
+    Raises
+    ------
+    ValueError
+        Unknown strategy / rule / candidates, bad ratio or fraction, shapes
+        not divisible by the patch size, or ``labels`` missing for ``region``.
+    EmptyRegionError
+        (a ValueError) The selected regions (``region``) or the whole pool
+        (``random-region``) have no patch under ``rule``.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if rule not in PATCH_RULES:
+        raise ValueError(f"rule must be one of {PATCH_RULES}, got {rule!r}")
+    if candidates not in CANDIDATES:
+        raise ValueError(f"candidates must be one of {CANDIDATES}, got {candidates!r}")
+    if voxel_labels.dim() != 3:
+        raise ValueError(f"voxel_labels must have shape (X, Y, Z), got {tuple(voxel_labels.shape)}")
+    size = check_patch_size(patch_size, voxel_labels.shape, T)
+    device = voxel_labels.device if device is None else torch.device(device)
+    vl = voxel_labels.to(device)
+    vl = vl.round().long() if vl.is_floating_point() else vl.long()
+    X, Y, Z = vl.shape
+    grid = (X // size[0], Y // size[1], Z // size[2], T // size[3])
+
+    if brain_mask is not None:
+        if tuple(brain_mask.shape) != (X, Y, Z):
+            raise ValueError(f"brain_mask must have shape (X, Y, Z) = {(X, Y, Z)}, "
+                             f"got {tuple(brain_mask.shape)}")
+        brain = brain_mask.to(device).bool()
+    else:
+        brain = vl > 0
+    brain_map = apply_patch_rule(patch_fraction(brain, size[:3]), "any")
+    n_brain = int(brain_map.sum())
+
+    present, fractions = label_patch_fractions(vl, size[:3])  # (L,), (L, D, H, W)
+    held = apply_patch_rule(fractions, rule)  # (L, D, H, W)
+    if present.numel():
+        best_frac, best_idx = fractions.max(0)
+        best_label = present[best_idx]
+        label_patch_map = torch.where(apply_patch_rule(best_frac, rule), best_label, 0)
+    else:
+        label_patch_map = torch.zeros(grid[:3], dtype=torch.long, device=device)
+    held_labels = set(present[held.flatten(1).any(1)].tolist())
+
+    common: dict[str, Any] = dict(label_patch_map=label_patch_map, rule=rule,
+                                  brain_mask_given=brain_mask is not None)
+    no_regions = dict(region_labels=torch.zeros(0, dtype=torch.long, device=device),
+                      region_maps=torch.zeros((0, *grid[:3]), dtype=torch.bool, device=device))
+
+    if strategy == "random":
+        ratio = _check_fraction(ratio, "ratio")
+        cmap = torch.ones(grid[:3], dtype=torch.bool, device=device) if candidates == "all" else brain_map
+        n_cand = int(cmap.sum())
+        if n_cand == 0:
+            raise ValueError("candidates='brain' but the brain mask has no voxel: nothing can be masked")
+        return Masker("random", size, grid, region_patch_map=cmap, ratio=ratio, fraction=None,
+                      candidates=candidates, n_candidates=n_cand, labels=[], empty_labels=[],
+                      **no_regions, **common)
+
+    if strategy == "region":
+        fraction = _check_fraction(fraction, "fraction")
+        if labels is None or len(list(labels)) == 0:
+            raise ValueError("strategy 'region' needs labels: the atlas label indices of the "
+                             "region(s) to mask")
+        wanted = sorted({int(v) for v in labels})
+        empty = [v for v in wanted if v not in held_labels]
+        rmap = region_patches(vl, wanted, size[:3], rule)
+        if not bool(rmap.any()):
+            raise EmptyRegionError(
+                f"none of the selected labels {wanted} has a patch under the {rule!r} rule at patch size "
+                f"{size[:3]}: nothing to mask. Use a larger region, rule='any', or check that the "
+                f"atlas is on the model grid")
+        _warn_empty(empty, rule, size, "selected labels")
+        return Masker("region", size, grid, region_patch_map=rmap, ratio=None, fraction=fraction,
+                      candidates=None, n_candidates=n_brain, labels=wanted, empty_labels=empty,
+                      **no_regions, **common)
+
+    # random-region
+    ratio = _check_fraction(ratio, "ratio")
+    pool = sorted({int(v) for v in labels} - {0}) if labels is not None else present.tolist()
+    if not pool:
+        raise ValueError("strategy 'random-region' got an empty labels pool")
+    keep = [v for v in pool if v in held_labels]
+    empty = [v for v in pool if v not in held_labels]
+    if not keep:
+        raise EmptyRegionError(f"no region of the pool {pool} has a patch under the {rule!r} rule at patch "
+                               f"size {size[:3]}: nothing to mask")
+    _warn_empty(empty, rule, size, "regions")
+    region_labels = torch.as_tensor(keep, dtype=torch.long, device=device)
+    idx = torch.searchsorted(present, region_labels)
+    region_maps = held[idx]
+    union = region_maps.any(0)
+    target = n_to_mask(ratio, n_brain)
+    if int(union.sum()) < target:
+        logger.warning("random-region: ratio %.3f of %d brain patches (%d) is unreachable: the %d regions "
+                       "cover %d patches; every sample will mask all of them", ratio, n_brain, target,
+                       len(keep), int(union.sum()))
+    return Masker("random-region", size, grid, region_patch_map=union, ratio=ratio, fraction=None,
+                  candidates=None, n_candidates=n_brain, labels=keep, empty_labels=empty,
+                  region_labels=region_labels, region_maps=region_maps, **common)

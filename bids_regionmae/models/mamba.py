@@ -1,0 +1,426 @@
+"""Mamba (selective state-space) mixer with two interchangeable backends.
+
+The module keeps the parameter names of ``mamba_ssm.Mamba`` (``in_proj``,
+``conv1d``, ``x_proj``, ``dt_proj``, ``A_log``, ``D``, ``out_proj``) so that a
+state dict moves unchanged between
+
+- ``"mamba-ssm"``: the CUDA kernels of the ``mamba-ssm`` package
+  (``selective_scan_fn``, plus ``causal_conv1d_fn`` when ``causal-conv1d`` is
+  installed), imported lazily and only used for CUDA tensors;
+- ``"torch"``: a pure-PyTorch selective scan that runs anywhere. Its forward
+  is one sequential loop over time (one fused multiply-add per step, which on
+  CPUs beats parallel/associative scans); everything else is vectorised. The
+  backward is hand-written: one reverse loop over time, so its cost is linear
+  in the sequence length (no quadratic formulation, unlike
+  ``mamba_ssm``'s ``selective_scan_ref``).
+
+``"auto"`` picks the kernels for CUDA tensors when ``mamba_ssm`` imports and
+falls back to ``"torch"`` (with a logged warning) otherwise. Use
+:func:`resolve_backend` to learn which one a run actually uses.
+
+The recurrence, per channel ``e`` and state ``n`` (``A = -exp(A_log)``)::
+
+    delta_t = softplus(dt_proj(x_proj(x_t)[:R]))
+    h_t     = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t
+    y_t     = <C_t, h_t> + D * u_t
+    out_t   = out_proj(y_t * silu(z_t))
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bids_regionmae.errors import BackendError, UsageError
+
+logger = logging.getLogger(__name__)
+
+BACKENDS: tuple[str, ...] = ("auto", "mamba-ssm", "torch")
+
+INSTALL_HINT = (
+    "Install the CUDA extra on a machine with a CUDA build of torch: "
+    "MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE "
+    "pip install --no-build-isolation 'bids_regionmae[cuda]'"
+)
+
+
+# --------------------------------------------------------------------------- backends
+
+
+@functools.lru_cache(maxsize=1)
+def _mamba_ssm_kernels() -> tuple[Any, Any, str | None]:
+    """Import the CUDA kernels once.
+
+    Returns
+    -------
+    (selective_scan_fn or None, causal_conv1d_fn or None, error message or None)
+    """
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception as exc:  # ImportError, or OSError/RuntimeError from a broken CUDA extension
+        return None, None, f"{type(exc).__name__}: {exc}"
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except Exception:
+        causal_conv1d_fn = None
+    return selective_scan_fn, causal_conv1d_fn, None
+
+
+def mamba_ssm_available() -> bool:
+    """Whether ``mamba_ssm``'s selective-scan kernel can be imported."""
+    return _mamba_ssm_kernels()[0] is not None
+
+
+def _check_requested(requested: str) -> str:
+    if requested not in BACKENDS:
+        raise UsageError(f"backend: expected one of {', '.join(BACKENDS)}; got {requested!r}")
+    return requested
+
+
+def resolve_backend(requested: str, device: torch.device | str) -> str:
+    """Return the backend a model with ``backend=requested`` uses on ``device``.
+
+    Parameters
+    ----------
+    requested : {"auto", "mamba-ssm", "torch"}
+        The backend asked for (command line or configuration).
+    device : torch.device or str
+        Device the model runs on.
+
+    Returns
+    -------
+    str
+        ``"mamba-ssm"`` or ``"torch"``, for the run configuration.
+
+    Raises
+    ------
+    UsageError
+        ``requested`` is not a known backend.
+    BackendError
+        ``"mamba-ssm"`` was requested but cannot be imported, or ``device`` is
+        not a CUDA device.
+    """
+    _check_requested(requested)
+    device = torch.device(device)
+    if requested == "torch":
+        return "torch"
+    available = mamba_ssm_available()
+    if requested == "mamba-ssm":
+        if not available:
+            raise BackendError(
+                f"backend 'mamba-ssm' requested but mamba_ssm cannot be imported "
+                f"({_mamba_ssm_kernels()[2]}). {INSTALL_HINT}. Or use --backend torch."
+            )
+        if device.type != "cuda":
+            raise BackendError(
+                f"backend 'mamba-ssm' needs a CUDA device; got {device}. "
+                "Use backend 'torch' (or 'auto') on CPU."
+            )
+        return "mamba-ssm"
+    # auto
+    if device.type == "cuda" and available:
+        return "mamba-ssm"
+    if device.type == "cuda":
+        logger.warning(
+            "backend 'auto': mamba_ssm is not importable (%s); using the pure-PyTorch selective scan "
+            "on %s, which is much slower than the CUDA kernels. %s.",
+            _mamba_ssm_kernels()[2], device, INSTALL_HINT,
+        )
+    else:
+        logger.warning(
+            "backend 'auto': using the pure-PyTorch selective scan on %s "
+            "(the mamba-ssm kernels need a CUDA device).", device,
+        )
+    return "torch"
+
+
+def check_backend_available(requested: str) -> None:
+    """Fail early when ``requested`` can never work on this machine.
+
+    Raises
+    ------
+    UsageError
+        Unknown backend name.
+    BackendError
+        ``"mamba-ssm"`` requested but ``mamba_ssm`` does not import.
+    """
+    _check_requested(requested)
+    if requested == "mamba-ssm" and not mamba_ssm_available():
+        raise BackendError(
+            f"backend 'mamba-ssm' requested but mamba_ssm cannot be imported "
+            f"({_mamba_ssm_kernels()[2]}). {INSTALL_HINT}. Or use --backend torch."
+        )
+
+
+def pick_backend(requested: str, tensor: torch.Tensor) -> str:
+    """Backend for one forward call (silent version of :func:`resolve_backend`)."""
+    if requested == "torch":
+        return "torch"
+    if tensor.is_cuda and mamba_ssm_available():
+        return "mamba-ssm"
+    if requested == "mamba-ssm":
+        # raises with the explanation (not importable / not a CUDA tensor)
+        resolve_backend(requested, tensor.device)
+    return "torch"
+
+
+# --------------------------------------------------------------------------- pure-PyTorch scan
+
+
+class _SelectiveScan(torch.autograd.Function):
+    """Selective scan without ``D``/``z`` on time-major tensors.
+
+    Forward: ``h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t``, ``y_t = <C_t, h_t>``.
+    Backward: one reverse loop for ``dL/dh_t``; all other gradients are
+    vectorised reductions. Memory: the states ``h`` (L, Bw, E, N) are saved.
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C):  # noqa: D102  (shapes in selective_scan)
+        dA = torch.exp(delta.unsqueeze(-1) * A)  # (L, Bw, E, N)
+        h = (delta * u).unsqueeze(-1) * B.unsqueeze(2)  # (L, Bw, E, N), becomes the states
+        for t in range(1, h.shape[0]):
+            h[t].addcmul_(dA[t], h[t - 1])
+        y = torch.einsum("lben,lbn->lbe", h, C)
+        ctx.save_for_backward(u, delta, A, B, C, h)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):  # noqa: D102
+        u, delta, A, B, C, h = ctx.saved_tensors
+        gy = gy.contiguous()
+        dA = torch.exp(delta.unsqueeze(-1) * A)
+        gh = gy.unsqueeze(-1) * C.unsqueeze(2)  # direct contribution of y_t
+        for t in range(gh.shape[0] - 2, -1, -1):
+            gh[t].addcmul_(dA[t + 1], gh[t + 1])
+        gC = torch.einsum("lben,lbe->lbn", h, gy)
+        # G_t = dL/d(delta_t A) = gh_t * h_{t-1} * dA_t  (zero at t = 0); reuse dA's memory
+        dA[0].zero_()
+        dA[1:].mul_(gh[1:]).mul_(h[:-1])
+        G = dA
+        ghB = torch.einsum("lben,lbn->lbe", gh, B)
+        g_delta = torch.einsum("lben,en->lbe", G, A) + ghB * u
+        g_u = ghB * delta
+        g_A = torch.einsum("lben,lbe->en", G, delta)
+        g_B = torch.einsum("lben,lbe->lbn", gh, delta * u)
+        return g_u, g_delta, g_A, g_B, gC
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pure-PyTorch selective scan over the first (time) axis.
+
+    Parameters
+    ----------
+    u : Tensor, shape (L, Bw, E)
+        Input sequence (time-major: L steps, Bw sequences, E channels).
+    delta : Tensor, shape (L, Bw, E)
+        Positive step sizes (already passed through softplus).
+    A : Tensor, shape (E, N)
+        State matrix (diagonal per channel), usually ``-exp(A_log)``.
+    B, C : Tensor, shape (L, Bw, N)
+        Input and output projections of the state.
+    D : Tensor, shape (E,), optional
+        Skip connection ``y += D * u``.
+    z : Tensor, shape (L, Bw, E), optional
+        Gate: ``y *= silu(z)``.
+
+    Returns
+    -------
+    Tensor, shape (L, Bw, E)
+        In the dtype of ``u``; computed in float32 (or float64 for float64 input).
+    """
+    dtype = u.dtype
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    uu, dd, AA, BB, CC = (t.to(work).contiguous() for t in (u, delta, A, B, C))
+    with torch.autocast(u.device.type, enabled=False):
+        y = _SelectiveScan.apply(uu, dd, AA, BB, CC)
+    if D is not None:
+        y = y + uu * D.to(work)
+    if z is not None:
+        y = y * F.silu(z.to(work))
+    return y.to(dtype)
+
+
+def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Causal depthwise 1-D convolution along the first (time) axis.
+
+    Equivalent to ``nn.Conv1d(E, E, K, groups=E, padding=K-1)`` trimmed to the
+    first L outputs, computed as K shifted multiply-adds.
+
+    Parameters
+    ----------
+    x : Tensor, shape (L, Bw, E)
+    weight : Tensor, shape (E, 1, K)
+    bias : Tensor, shape (E,), optional
+
+    Returns
+    -------
+    Tensor, shape (L, Bw, E)
+    """
+    L = x.shape[0]
+    K = weight.shape[-1]
+    w = weight.reshape(weight.shape[0], K)
+    xp = F.pad(x, (0, 0, 0, 0, K - 1, 0))
+    out = xp[K - 1:] * w[:, K - 1]
+    for k in range(K - 1):
+        out = out + xp[k:k + L] * w[:, k]
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+# --------------------------------------------------------------------------- module
+
+
+class Mamba(nn.Module):
+    """Mamba mixer (selective SSM) with a switchable compute backend.
+
+    Parameters
+    ----------
+    d_model : int
+        Channels C of the input and output tokens.
+    d_state : int
+        State size N per channel (16).
+    d_conv : int
+        Width of the causal depthwise convolution (4).
+    expand : int
+        Inner width ``E = expand * d_model`` (2).
+    dt_rank : int or "auto"
+        Rank R of the step-size projection; ``"auto"`` is ``ceil(d_model / 16)``.
+    dt_min, dt_max, dt_init_floor : float
+        Range of the initial step sizes (as in mamba-ssm).
+    backend : {"auto", "mamba-ssm", "torch"}
+        Compute backend, see the module docstring.
+
+    Notes
+    -----
+    Parameter shapes (E = expand*C, R = dt_rank, N = d_state, K = d_conv):
+    ``in_proj.weight`` (2E, C); ``conv1d.weight`` (E, 1, K), ``conv1d.bias`` (E);
+    ``x_proj.weight`` (R + 2N, E); ``dt_proj.weight`` (E, R), ``dt_proj.bias`` (E);
+    ``A_log`` (E, N); ``D`` (E); ``out_proj.weight`` (C, E).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.backend = _check_requested(backend)
+        E, N, R = self.d_inner, d_state, self.dt_rank
+
+        # registration order gives state_dict order: A_log, D, in_proj, conv1d, x_proj, dt_proj, out_proj
+        A = torch.arange(1, N + 1, dtype=torch.float32).repeat(E, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(E))
+        self.D._no_weight_decay = True
+        self.in_proj = nn.Linear(d_model, 2 * E, bias=False)
+        self.conv1d = nn.Conv1d(E, E, kernel_size=d_conv, groups=E, padding=d_conv - 1, bias=True)
+        self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(R, E, bias=True)
+        self.out_proj = nn.Linear(E, d_model, bias=False)
+
+        std = R ** -0.5
+        with torch.no_grad():
+            nn.init.uniform_(self.dt_proj.weight, -std, std)
+            dt = torch.exp(torch.rand(E) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+            dt = dt.clamp(min=dt_init_floor)
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, "
+                f"d_conv={self.d_conv}, dt_rank={self.dt_rank}, backend={self.backend!r}")
+
+    def uses_kernels(self, x: torch.Tensor) -> bool:
+        """Whether a forward on ``x`` runs the mamba-ssm kernels."""
+        return pick_backend(self.backend, x) == "mamba-ssm"
+
+    def forward(self, x: torch.Tensor, seq_first: bool = False) -> torch.Tensor:
+        """Mix tokens along the sequence axis.
+
+        Parameters
+        ----------
+        x : Tensor, shape (Bw, L, C), or (L, Bw, C) when ``seq_first``
+            Bw independent sequences of L tokens.
+        seq_first : bool
+            Layout of ``x`` and of the result. The torch backend works
+            time-major internally, so ``seq_first=True`` saves two copies.
+
+        Returns
+        -------
+        Tensor, same shape as ``x``
+        """
+        if pick_backend(self.backend, x) == "mamba-ssm":
+            xb = x.transpose(0, 1) if seq_first else x
+            out = self._forward_kernels(xb)
+            return out.transpose(0, 1) if seq_first else out
+        xt = x if seq_first else x.transpose(0, 1)
+        out = self._forward_torch(xt)
+        return out if seq_first else out.transpose(0, 1)
+
+    def _ssm_inputs(self, xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dbl = self.x_proj(xc)
+        dt, B, C = torch.split(dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return dt, B, C
+
+    def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """Pure-PyTorch path; ``x`` is time-major (L, Bw, C)."""
+        xz = self.in_proj(x)
+        xi, z = xz.chunk(2, dim=-1)
+        xc = F.silu(causal_depthwise_conv(xi, self.conv1d.weight, self.conv1d.bias))
+        dt, B, C = self._ssm_inputs(xc)
+        delta = F.softplus(self.dt_proj(dt).float())
+        A = -torch.exp(self.A_log.float())
+        y = selective_scan(xc, delta, A, B, C, D=self.D, z=z)
+        return self.out_proj(y)
+
+    def _forward_kernels(self, x: torch.Tensor) -> torch.Tensor:
+        """mamba-ssm path; ``x`` is batch-first (Bw, L, C) on a CUDA device."""
+        selective_scan_fn, causal_conv1d_fn, _ = _mamba_ssm_kernels()
+        L = x.shape[1]
+        xz = self.in_proj(x).transpose(1, 2)  # (Bw, 2E, L)
+        xi, z = xz.chunk(2, dim=1)
+        if causal_conv1d_fn is not None:
+            xc = causal_conv1d_fn(xi.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                  activation="silu")
+        else:
+            xc = F.silu(self.conv1d(xi)[..., :L])
+        dt, B, C = self._ssm_inputs(xc.transpose(1, 2))  # (Bw, L, *)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2).contiguous()  # (Bw, E, L); bias in kernel
+        A = -torch.exp(self.A_log.float())
+        y = selective_scan_fn(
+            xc.contiguous(), dt, A,
+            B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
+            self.D.float(), z=z.contiguous(),
+            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+        )
+        return self.out_proj(y.transpose(1, 2))
