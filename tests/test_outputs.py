@@ -26,9 +26,10 @@ GOLDEN_NAMES = [
     ({"subject": "01", "datatype": "figures", "desc": "coverage", "suffix": "bold", "extension": ".svg"},
      "sub-01/figures/sub-01_desc-coverage_bold.svg"),
     ({"subject": "01", "suffix": "report", "extension": ".html"}, "sub-01/sub-01_report.html"),
-    ({"atlas": "AAL3", "space": "MNI152NLin6Asym", "resolution": "2", "suffix": "dseg",
+    ({"template": "MNI152NLin6Asym", "atlas": "AAL3", "resolution": "2", "desc": "model", "suffix": "dseg",
       "extension": ".nii.gz"},
-     "atlas-AAL3/space-MNI152NLin6Asym/atlas-AAL3_space-MNI152NLin6Asym_res-2_dseg.nii.gz"),
+     "tpl-MNI152NLin6Asym/anat/tpl-MNI152NLin6Asym_atlas-AAL3_res-2_desc-model_dseg.nii.gz"),
+    ({"atlas": "AAL3", "suffix": "description", "extension": ".json"}, "atlas-AAL3_description.json"),
 ]
 
 

@@ -21,15 +21,21 @@ Strategies
     every frame. ``fraction < 1`` masks a random ``round(fraction * n)`` of
     them per sample.
 ``random-region``
-    Whole regions drawn at random per sample until ``round(ratio * n_brain)``
-    patches are masked; the last region drawn is kept whole, so the ratio is
-    exceeded by less than one region. The regions are the non-zero labels
-    (of ``labels`` if given, else all) that keep at least one patch under
-    ``rule``; each region's patches are judged separately.
+    Whole regions drawn at random per sample until ``round(ratio * n)``
+    patches are masked, where ``n`` is the number of patches the region pool
+    covers (the union of its regions' patches under ``rule``: the maskable
+    area, so every ratio in (0, 1] is reachable). The region that reaches the
+    target is kept whole, so the ratio is exceeded by less than one region.
+    The regions are the non-zero labels (of ``labels`` if given, else all
+    labels present) that keep at least one patch under ``rule``, each
+    region's patches judged on its own voxels. On the 96^3 AAL3 grid with
+    6 mm patches the ``majority`` rule keeps 96 of 166 regions, covering 592
+    of 1445 brain patches; ``any`` keeps all 166 (overlapping at borders).
 
 Brain patches are patches with at least one brain voxel (``any`` rule), where
 the brain is ``brain_mask`` if given, else ``voxel_labels > 0``; every such
-patch contributes to the in-brain loss.
+patch contributes to the in-brain loss. ``describe()`` reports their number
+so that ratios of different strategies can be compared.
 """
 
 from __future__ import annotations
@@ -96,7 +102,7 @@ class Masker:
     def __init__(self, strategy: str, patch_size: tuple[int, int, int, int], grid: tuple[int, int, int, int],
                  *, region_patch_map: torch.Tensor, label_patch_map: torch.Tensor, rule: str,
                  ratio: float | None, fraction: float | None, candidates: str | None,
-                 n_candidates: int, labels: list[int], empty_labels: list[int],
+                 n_candidates: int, n_brain_patches: int, labels: list[int], empty_labels: list[int],
                  region_labels: torch.Tensor, region_maps: torch.Tensor, brain_mask_given: bool):
         self.strategy = strategy
         self.patch_size = patch_size
@@ -108,6 +114,7 @@ class Masker:
         self.fraction = fraction
         self.candidates = candidates
         self.n_candidates = n_candidates
+        self.n_brain_patches = n_brain_patches
         self.labels = labels
         self.empty_labels = empty_labels
         self.region_labels = region_labels
@@ -163,18 +170,19 @@ class Masker:
         Returns
         -------
         dict
-            ``strategy``, ``patch_size``, ``token_grid``, ``rule``, ``ratio``,
-            ``fraction``, ``candidates``, ``labels``, ``empty_labels``,
-            ``n_region_patches``, ``n_candidate_patches``,
-            ``n_masked_patches`` (exact per sample for ``random`` and
-            ``region``, the target for ``random-region``),
+            ``strategy``, ``patch_size``, ``token_grid``, ``rule``, ``ratio``
+            (random, random-region), ``fraction`` (region), ``candidates``
+            (random), ``labels`` (region: selected; random-region: the
+            regions drawn from), ``empty_labels``, ``n_region_patches``
+            (patches of :attr:`region_patch_map`), ``n_candidate_patches``
+            (denominator of ``ratio`` / ``fraction``), ``n_brain_patches``,
+            ``n_masked_patches`` (per sample and frame: exact for random and
+            region, the target, a lower bound, for random-region),
             ``masked_patch_ratio`` (``n_masked_patches / n_candidate_patches``)
-            and ``brain_mask``. Keys that do not apply are None.
+            and ``brain_mask`` (whether one was given). Keys that do not apply
+            are None.
         """
-        if self.strategy == "region":
-            n_masked = n_to_mask(self.fraction, self.n_region_patches)
-        else:
-            n_masked = n_to_mask(self.ratio, self.n_candidates)
+        n_masked = n_to_mask(self.fraction if self.strategy == "region" else self.ratio, self.n_candidates)
         return {
             "strategy": self.strategy,
             "patch_size": list(self.patch_size),
@@ -187,6 +195,7 @@ class Masker:
             "empty_labels": list(self.empty_labels),
             "n_region_patches": self.n_region_patches,
             "n_candidate_patches": self.n_candidates,
+            "n_brain_patches": self.n_brain_patches,
             "n_masked_patches": n_masked,
             "masked_patch_ratio": n_masked / self.n_candidates if self.n_candidates else None,
             "brain_mask": self.brain_mask_given,
@@ -200,8 +209,8 @@ class Masker:
 
 def _warn_empty(empty: list[int], rule: str, patch_size: Sequence[int], what: str) -> None:
     if empty:
-        logger.warning("%d %s have no patch under the %r rule at patch size %s and are never masked: "
-                       "labels %s", len(empty), what, rule, tuple(patch_size[:3]), empty)
+        logger.warning("%d %s have no patch of their own under the %r rule at patch size %s: labels %s",
+                       len(empty), what, rule, tuple(patch_size[:3]), empty)
 
 
 def build_masker(strategy: Strategy, voxel_labels: torch.Tensor, patch_size: Sequence[int], *,
@@ -225,14 +234,15 @@ def build_masker(strategy: Strategy, voxel_labels: torch.Tensor, patch_size: Seq
         regions to draw from (default: every non-zero label). Ignored by
         ``random``.
     ratio : float
-        ``random`` and ``random-region``: target masked fraction in (0, 1].
+        ``random``: masked fraction of the candidate patches; ``random-region``:
+        target masked fraction of the patches the region pool covers; in (0, 1].
     fraction : float
         ``region``: fraction of the region's patches masked, in (0, 1].
     rule : {'any', 'majority', 'all'}
         How a region's voxels make a patch belong to it.
     brain_mask : BoolTensor, shape (X, Y, Z), optional
         Brain voxels; default ``voxel_labels > 0``. Defines brain patches
-        (``candidates="brain"`` and the ``random-region`` denominator).
+        (``candidates="brain"``, ``n_brain_patches`` in :meth:`Masker.describe`).
     T : int
         Number of frames of the input clip.
     candidates : {'all', 'brain'}
@@ -253,6 +263,7 @@ def build_masker(strategy: Strategy, voxel_labels: torch.Tensor, patch_size: Seq
         (a ValueError) The selected regions (``region``) or the whole pool
         (``random-region``) have no patch under ``rule``.
     """
+    labels = None if labels is None else [int(v) for v in labels]
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if rule not in PATCH_RULES:
@@ -300,12 +311,12 @@ def build_masker(strategy: Strategy, voxel_labels: torch.Tensor, patch_size: Seq
         if n_cand == 0:
             raise ValueError("candidates='brain' but the brain mask has no voxel: nothing can be masked")
         return Masker("random", size, grid, region_patch_map=cmap, ratio=ratio, fraction=None,
-                      candidates=candidates, n_candidates=n_cand, labels=[], empty_labels=[],
+                      candidates=candidates, n_candidates=n_cand, n_brain_patches=n_brain, labels=[], empty_labels=[],
                       **no_regions, **common)
 
     if strategy == "region":
         fraction = _check_fraction(fraction, "fraction")
-        if labels is None or len(list(labels)) == 0:
+        if not labels:
             raise ValueError("strategy 'region' needs labels: the atlas label indices of the "
                              "region(s) to mask")
         wanted = sorted({int(v) for v in labels})
@@ -317,8 +328,17 @@ def build_masker(strategy: Strategy, voxel_labels: torch.Tensor, patch_size: Seq
                 f"{size[:3]}: nothing to mask. Use a larger region, rule='any', or check that the "
                 f"atlas is on the model grid")
         _warn_empty(empty, rule, size, "selected labels")
+        if empty:
+            in_union = torch.isin(vl, torch.as_tensor(empty, device=device)) \
+                & rmap.repeat_interleave(size[0], 0).repeat_interleave(size[1], 1) \
+                .repeat_interleave(size[2], 2)
+            never = sorted(set(empty) - set(vl[in_union].unique().tolist()))
+            if never:
+                logger.warning("labels %s have no voxel in the masked patches of the selection: "
+                               "they are never masked", never)
         return Masker("region", size, grid, region_patch_map=rmap, ratio=None, fraction=fraction,
-                      candidates=None, n_candidates=n_brain, labels=wanted, empty_labels=empty,
+                      candidates=None, n_candidates=int(rmap.sum()), n_brain_patches=n_brain,
+                      labels=wanted, empty_labels=empty,
                       **no_regions, **common)
 
     # random-region
@@ -331,16 +351,12 @@ def build_masker(strategy: Strategy, voxel_labels: torch.Tensor, patch_size: Seq
     if not keep:
         raise EmptyRegionError(f"no region of the pool {pool} has a patch under the {rule!r} rule at patch "
                                f"size {size[:3]}: nothing to mask")
-    _warn_empty(empty, rule, size, "regions")
+    _warn_empty(empty, rule, size, "regions (never drawn by random-region)")
     region_labels = torch.as_tensor(keep, dtype=torch.long, device=device)
     idx = torch.searchsorted(present, region_labels)
     region_maps = held[idx]
     union = region_maps.any(0)
-    target = n_to_mask(ratio, n_brain)
-    if int(union.sum()) < target:
-        logger.warning("random-region: ratio %.3f of %d brain patches (%d) is unreachable: the %d regions "
-                       "cover %d patches; every sample will mask all of them", ratio, n_brain, target,
-                       len(keep), int(union.sum()))
     return Masker("random-region", size, grid, region_patch_map=union, ratio=ratio, fraction=None,
-                  candidates=None, n_candidates=n_brain, labels=keep, empty_labels=empty,
+                  candidates=None, n_candidates=int(union.sum()), n_brain_patches=n_brain, labels=keep,
+                  empty_labels=empty,
                   region_labels=region_labels, region_maps=region_maps, **common)

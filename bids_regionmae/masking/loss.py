@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .patches import check_patch_size
 
@@ -112,7 +113,7 @@ def masked_mse(recon: torch.Tensor, target: torch.Tensor, token_mask: torch.Tens
                 var = (((t - mean) ** 2) * wv).sum(dim=_PATCH_AXES, keepdim=True) / n
             t = (t - mean) / torch.sqrt(var + 1e-6)
 
-    sq = (r - t) ** 2
+    sq = F.mse_loss(r, t, reduction="none")  # one fused elementwise pass
     if w is None:
         patch_sum = sq.sum(dim=_PATCH_AXES)  # (B, D, H, W, T')
         n_per_patch = torch.full((1, 1, 1, 1), float(C * size[0] * size[1] * size[2] * pt),
@@ -148,7 +149,8 @@ def per_region_mse(recon: torch.Tensor, target: torch.Tensor, token_mask: torch.
         Atlas label per voxel (0 = background).
     groups : mapping of str to sequence of int
         Group name -> atlas labels, e.g. the 7 AAL3 lobes, or one entry per
-        region. A label may belong to several groups.
+        region. A label may belong to several groups; label 0 (background)
+        is never counted.
     patch_size : sequence of 3 or 4 int
     brain_mask : BoolTensor, shape (X, Y, Z) or (B, X, Y, Z), optional
 
@@ -166,7 +168,8 @@ def per_region_mse(recon: torch.Tensor, target: torch.Tensor, token_mask: torch.
         raise ValueError(f"voxel_labels must have shape (X, Y, Z) = {(X, Y, Z)}, "
                          f"got {tuple(voxel_labels.shape)}")
     dev = recon.device
-    sq = (_patchify(recon.float(), size) - _patchify(target.to(dev, torch.float32), size)) ** 2
+    sq = F.mse_loss(_patchify(recon.float(), size), _patchify(target.to(dev, torch.float32), size),
+                    reduction="none")
     tok = token_mask.to(device=dev, dtype=torch.float32)
     # per voxel: squared error summed over channels and masked frames, and the number of such values
     err = torch.einsum("bcdihjwktl,bdhwt->bdihjwk", sq, tok).reshape(B, X, Y, Z)

@@ -1,1 +1,1 @@
-"""reports."""
+"""HTML reports and figures. A failed figure or report never fails a run."""

@@ -129,3 +129,41 @@ def prepare_run(config: RunConfig, *, write_config: bool = True) -> RunContext:
     LOGGER.info("regionmae %s level, stage %s: %s -> %s (device %s)", config.analysis_level, ctx.stage,
                 config.bids_dir, output_dir, device)
     return ctx
+
+
+@dataclass(frozen=True)
+class ModelGridAtlas:
+    """The AAL3 atlas resolved for this run, on the 96^3 model grid.
+
+    Attributes
+    ----------
+    atlas : bids_regionmae.atlas.Atlas
+        Source image, label names and provenance (source, version, sha256).
+    voxel_labels : ndarray of int16, shape (96, 96, 96)
+    groups : dict of str to tuple of int
+        The lobe groups (name -> AAL3 label indices).
+    """
+
+    atlas: Any
+    voxel_labels: np.ndarray
+    groups: dict[str, tuple[int, ...]]
+
+
+def model_grid_atlas(output_dir: Path, atlas_file: str | None = None, atlas_labels: str | None = None,
+                     *, write: bool = True) -> ModelGridAtlas:
+    """Load AAL3 (user file, nilearn cache, or the offline copy), map it to the model grid, write it once.
+
+    The atlas derivative (dseg, label table, description with source, version
+    and sha256) is written into ``output_dir`` unless it is already there.
+    """
+    from bids_regionmae.atlas import LOBE_GROUPS, atlas_derivative_paths, atlas_on_model_grid, load_atlas
+    from bids_regionmae.atlas import write_atlas_derivative
+
+    atlas = load_atlas(atlas_file=atlas_file, atlas_labels=atlas_labels,
+                       allow_download=os.environ.get("REGIONMAE_OFFLINE", "0") != "1")
+    voxel_labels = atlas_on_model_grid(atlas)
+    if write and not all(p.exists() for p in atlas_derivative_paths(output_dir).values()):
+        write_atlas_derivative(atlas, voxel_labels, output_dir)
+    LOGGER.info("atlas: %s (%s, sha256 %s...)", atlas.name, atlas.source, atlas.sha256[:12])
+    return ModelGridAtlas(atlas=atlas, voxel_labels=voxel_labels,
+                          groups={name: tuple(labels) for name, labels in LOBE_GROUPS.items()})
