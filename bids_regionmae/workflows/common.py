@@ -156,8 +156,13 @@ def model_grid_atlas(output_dir: Path, atlas_file: str | None = None, atlas_labe
     The atlas derivative (dseg, label table, description with source, version
     and sha256) is written into ``output_dir`` unless it is already there.
     """
-    from bids_regionmae.atlas import LOBE_GROUPS, atlas_derivative_paths, atlas_on_model_grid, load_atlas
-    from bids_regionmae.atlas import write_atlas_derivative
+    from bids_regionmae.atlas import (
+        LOBE_GROUPS,
+        atlas_derivative_paths,
+        atlas_on_model_grid,
+        load_atlas,
+        write_atlas_derivative,
+    )
 
     atlas = load_atlas(atlas_file=atlas_file, atlas_labels=atlas_labels,
                        allow_download=os.environ.get("REGIONMAE_OFFLINE", "0") != "1")
