@@ -157,6 +157,8 @@ def _read_filter_file(path: str | None) -> dict[str, Any]:
 @click.option("-w", "--work-dir", type=click.Path(), default=None,
               help="Scratch/cache folder (index cache, temporary files) [default: OUTPUT_DIR/.work].")
 @click.option("--nprocs", type=click.IntRange(min=1), default=None, help="Parallel processes [default: 1].")
+@click.option("--omp-nthreads", type=click.IntRange(min=1), default=None,
+              help="Threads per process for torch/BLAS [default: cores / nprocs].")
 @click.option("--config-file", type=click.Path(), default=None,
               help="TOML configuration; command-line options override it (e.g. a previous run's config).")
 @click.option("--stage", default=None,
@@ -193,6 +195,15 @@ def _read_filter_file(path: str | None) -> dict[str, Any]:
 @click.option("--group-column", default=None, help="Column for grouped splits, e.g. site (leave-one-site-out).")
 @click.option("--folds", type=click.IntRange(min=2), default=None, help="Cross-validation folds.")
 @click.option("--strategies", default=None, help="compare: comma list, e.g. random,cerebellum,frontal.")
+@click.option("--input-space-maps", is_flag=True, default=None,
+              help="predict: also write reconstruction/error maps on each run's source grid.")
+@click.option("--per-region-error", is_flag=True, default=None,
+              help="predict: reconstruction error masking every AAL3 region on its own (slower).")
+@click.option("--occlusion", type=click.Choice(["zero", "mask-token"]), default=None,
+              help="predict: how a region is occluded for attribution [default: zero].")
+@click.option("--ig-steps", type=click.IntRange(min=1), default=None,
+              help="predict: integrated-gradients steps [default: 16].")
+@click.option("--no-attribution", is_flag=True, default=None, help="predict: skip occlusion and IG.")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def cli(bids_dir: Path, output_dir: Path, analysis_level: str, **options: Any) -> None:
     from bids_regionmae.workflows import run_workflow
@@ -232,12 +243,15 @@ def resolve_config(bids_dir: Path, output_dir: Path, analysis_level: str, option
                     "level": o["mask_level"], "include_background": o["include_background"]},
         "train": {"epochs": o["epochs"], "max_steps": o["max_steps"], "batch_size": o["batch_size"],
                   "lr": o["lr"], "resume": o["resume"]},
+        "predict": {"input_space": o["input_space_maps"], "region_masking": o["per_region_error"],
+                    "occlusion_mode": o["occlusion"], "ig_steps": o["ig_steps"],
+                    "attribution": False if o["no_attribution"] else None},
         "finetune": {"target": o["target"], "mode": o["finetune_mode"], "group_column": o["group_column"],
                      "folds": o["folds"], "strategies": o["strategies"]},
     }
     values: dict[str, Any] = {
         "bids_dir": str(bids_dir), "output_dir": str(output_dir), "analysis_level": analysis_level,
-        "stage": o["stage"], "model_dir": o["model_dir"], "work_dir": o["work_dir"], "nprocs": o["nprocs"],
+        "stage": o["stage"], "model_dir": o["model_dir"], "work_dir": o["work_dir"], "nprocs": o["nprocs"], "omp_nthreads": o["omp_nthreads"],
         "seed": o["seed"], "device": o["device"], "verbose": o["verbose"] or None,
     }
     values = {k: v for k, v in values.items() if v is not None}

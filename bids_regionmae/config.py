@@ -162,6 +162,19 @@ class FinetuneConfig(_Section):
         return tuple(items)
 
 
+class PredictConfig(_Section):
+    """Participant-level prediction with a trained model (``participant --model``)."""
+
+    region_error: bool = True
+    region_masking: bool = False
+    attribution: bool = True
+    occlusion_mode: Literal["zero", "mask-token"] = "zero"
+    occlusion_regions: bool = False
+    ig_steps: int = Field(16, ge=1)
+    ig_max_clips: int | None = Field(4, ge=1)
+    input_space: bool = False
+
+
 class RunConfig(_Section):
     """The whole resolved configuration of one invocation."""
 
@@ -172,6 +185,7 @@ class RunConfig(_Section):
     model_dir: str | None = None
     work_dir: str | None = None
     nprocs: int = Field(1, ge=1)
+    omp_nthreads: int | None = Field(None, ge=1)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     verbose: int = 0
@@ -182,6 +196,7 @@ class RunConfig(_Section):
     masking: MaskingConfig = Field(default_factory=MaskingConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    predict: PredictConfig = Field(default_factory=PredictConfig)
 
 
 def _as_tuple(value: Any) -> tuple[Any, ...]:

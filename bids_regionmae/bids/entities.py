@@ -31,7 +31,10 @@ Two kinds of fMRIPrep naming are classified:
 from __future__ import annotations
 
 import functools
+import importlib.util
+import json
 import re
+from pathlib import Path
 from typing import NamedTuple
 
 #: Entities (pybids long names) that identify one acquisition ("run"), in
@@ -84,34 +87,48 @@ class ParsedName(NamedTuple):
     rank: int = 0
 
 
+def pybids_config_paths() -> list[Path]:
+    """Paths of pybids' ``bids.json`` and ``derivatives.json`` entity configurations.
+
+    Located through the installed package's import spec, so that reading them
+    does not import pybids (whose import pulls in SQLAlchemy and costs about a
+    second).
+    """
+    spec = importlib.util.find_spec("bids")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("pybids is not installed: pip install pybids")
+    base = Path(next(iter(spec.submodule_search_locations))) / "layout" / "config"
+    return [base / "bids.json", base / "derivatives.json"]
+
+
 @functools.lru_cache(maxsize=1)
 def pybids_entities() -> dict[str, tuple[str, re.Pattern[str]]]:
     """Map short file-name keys (``ses``) to pybids entity names and regexes.
 
+    The patterns are those of pybids' ``bids`` and ``derivatives``
+    configurations (the files :meth:`bids.layout.models.Config.load` reads),
+    compiled the same way pybids compiles them.
+
     Returns
     -------
     dict
-        ``{"ses": ("session", re.compile(...)), ...}`` built from pybids'
-        ``bids`` and ``derivatives`` configurations, plus the special keys
+        ``{"ses": ("session", re.compile(...)), ...}``, plus the special keys
         ``"__suffix__"`` and ``"__extension__"``.
     """
-    from bids.layout.models import Config
-
     table: dict[str, tuple[str, re.Pattern[str]]] = {}
-    for config_name in ("bids", "derivatives"):
-        for entity in Config.load(config_name).entities.values():
-            if entity.pattern is None:
+    for path in pybids_config_paths():
+        config = json.loads(path.read_text(encoding="utf-8"))
+        for entity in config["entities"]:
+            name, pattern = entity["name"], entity.get("pattern")
+            if pattern is None:
                 continue
-            if entity.name == "suffix":
-                table["__suffix__"] = (entity.name, re.compile(entity.pattern))
+            if name in ("suffix", "extension"):
+                table[f"__{name}__"] = (name, re.compile(pattern))
                 continue
-            if entity.name == "extension":
-                table["__extension__"] = (entity.name, re.compile(entity.pattern))
-                continue
-            match = _KEY_RE.search(entity.pattern)
+            match = _KEY_RE.search(pattern)
             if match is None:
                 continue  # datatype, fmap, scans: not file-name key-value entities
-            table[match.group(1)] = (entity.name, re.compile(entity.pattern))
+            table[match.group(1)] = (name, re.compile(pattern))
     return table
 
 
@@ -133,11 +150,24 @@ def split_extension(name: str) -> tuple[str, str]:
 
 
 def quick_candidate(name: str) -> bool:
-    """Cheap test: can ``name`` be a BOLD/mask/boldref/confounds file?"""
+    """Cheap string test: can ``name`` be a BOLD/mask/boldref/confounds file?
+
+    Rejects most of an fMRIPrep ``func`` folder (AROMA and CIFTI outputs,
+    transforms, ``desc-coreg``/``desc-hmc`` references) before any regex runs.
+    """
     stem, ext = split_extension(name)
-    if ext not in (".nii.gz", ".nii", ".tsv"):
+    if ext not in (".nii.gz", ".nii", ".tsv") or not stem.startswith("sub-"):
         return False
-    return stem.rsplit("_", 1)[-1] in _CANDIDATE_SUFFIXES and stem.startswith("sub-")
+    suffix = stem[stem.rfind("_") + 1:]
+    if suffix == "bold":
+        return "_desc-preproc_" in name
+    if suffix == "mask":
+        return "_desc-brain_" in name
+    if suffix == "boldref":
+        return "_desc-" not in stem
+    if suffix in ("timeseries", "regressors"):
+        return "_desc-confounds_" in name
+    return suffix in _CANDIDATE_SUFFIXES
 
 
 def parse_entities(name: str) -> dict[str, str] | None:

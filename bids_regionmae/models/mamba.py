@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
 from typing import Any
 
 import torch
@@ -173,44 +174,90 @@ def pick_backend(requested: str, tensor: torch.Tensor) -> str:
 # --------------------------------------------------------------------------- pure-PyTorch scan
 
 
+_WORKSPACE = threading.local()
+
+
+def _workspace(slot: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A reusable scratch tensor of ``shape`` (contents undefined), one per thread and slot.
+
+    On CPU, large temporaries of the scan reuse these buffers instead of
+    fresh allocations, whose page faults otherwise cost about as much as the
+    arithmetic. Free them with :func:`release_workspace`. Other devices get
+    a fresh tensor.
+    """
+    if like.device.type != "cpu":  # CUDA's caching allocator already makes fresh tensors cheap
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    cache = getattr(_WORKSPACE, "buffers", None)
+    if cache is None:
+        cache = _WORKSPACE.buffers = {}
+    # tensors made under inference_mode cannot be written outside it (and vice versa): keep them apart
+    key = (slot, like.device, like.dtype, torch.is_inference_mode_enabled())
+    numel = math.prod(shape)
+    buf = cache.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = cache[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buf[:numel].view(shape)
+
+
+def release_workspace() -> None:
+    """Free the scratch buffers of the pure-PyTorch scan held by the calling thread."""
+    _WORKSPACE.buffers = {}
+
+
 class _SelectiveScan(torch.autograd.Function):
     """Selective scan without ``D``/``z`` on time-major tensors.
 
     Forward: ``h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t``, ``y_t = <C_t, h_t>``.
     Backward: one reverse loop for ``dL/dh_t``; all other gradients are
-    vectorised reductions. Memory: the states ``h`` (L, Bw, E, N) are saved.
+    vectorised. States are stored as (L, Bw, N, E), channels innermost, so
+    every broadcast runs over long contiguous rows and every contraction is
+    a batched matrix product over the L*Bw tokens. Memory: the states are
+    saved; ``exp(delta A)`` is recomputed; other (L, Bw, N, E) temporaries
+    live in per-thread scratch buffers (two of them).
     """
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C):  # noqa: D102  (shapes in selective_scan)
-        dA = torch.exp(delta.unsqueeze(-1) * A)  # (L, Bw, E, N)
-        h = (delta * u).unsqueeze(-1) * B.unsqueeze(2)  # (L, Bw, E, N), becomes the states
-        for t in range(1, h.shape[0]):
-            h[t].addcmul_(dA[t], h[t - 1])
-        y = torch.einsum("lben,lbn->lbe", h, C)
-        ctx.save_for_backward(u, delta, A, B, C, h)
+        L, Bw, E = u.shape
+        N = A.shape[1]
+        LB = L * Bw
+        At = A.t().contiguous()  # (N, E)
+        dA = torch.mul(delta.unsqueeze(2), At, out=_workspace(0, (L, Bw, N, E), u)).exp_()
+        h = torch.mul((delta * u).unsqueeze(2), B.unsqueeze(3))  # (L, Bw, N, E): the states
+        hs, dAs = h.unbind(0), dA.unbind(0)  # views, made once: one dispatcher call per step
+        for t in range(1, L):
+            hs[t].addcmul_(dAs[t], hs[t - 1])
+        y = torch.bmm(C.reshape(LB, 1, N), h.view(LB, N, E)).view(L, Bw, E)
+        ctx.save_for_backward(u, delta, At, B, C, h)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):  # noqa: D102
-        u, delta, A, B, C, h = ctx.saved_tensors
+        u, delta, At, B, C, h = ctx.saved_tensors
+        L, Bw, E = u.shape
+        N = At.shape[0]
+        LB = L * Bw
         gy = gy.contiguous()
-        dA = torch.exp(delta.unsqueeze(-1) * A)
-        gh = gy.unsqueeze(-1) * C.unsqueeze(2)  # direct contribution of y_t
-        for t in range(gh.shape[0] - 2, -1, -1):
-            gh[t].addcmul_(dA[t + 1], gh[t + 1])
-        gC = torch.einsum("lben,lbe->lbn", h, gy)
-        # G_t = dL/d(delta_t A) = gh_t * h_{t-1} * dA_t  (zero at t = 0); reuse dA's memory
-        dA[0].zero_()
-        dA[1:].mul_(gh[1:]).mul_(h[:-1])
+        dA = torch.mul(delta.unsqueeze(2), At, out=_workspace(0, (L, Bw, N, E), u)).exp_()
+        # dL/dh_t: direct contribution C_t gy_t, plus exp(delta_{t+1} A) dL/dh_{t+1}
+        gh = torch.mul(gy.unsqueeze(2), C.unsqueeze(3), out=_workspace(1, (L, Bw, N, E), u))
+        ghs, dAs = gh.unbind(0), dA.unbind(0)
+        for t in range(L - 2, -1, -1):
+            ghs[t].addcmul_(dAs[t + 1], ghs[t + 1])
+        ghv = gh.view(LB, N, E)
+        g_C = torch.bmm(h.view(LB, N, E), gy.view(LB, E, 1)).view(L, Bw, N)
+        g_B = torch.bmm(ghv, (delta * u).view(LB, E, 1)).view(L, Bw, N)
+        ghB = torch.bmm(B.reshape(LB, 1, N), ghv).view(L, Bw, E)
+        # G_t = dL/d(delta_t A) = gh_t * h_{t-1} * exp(delta_t A), zero at t = 0 (h_{-1} = 0)
         G = dA
-        ghB = torch.einsum("lben,lbn->lbe", gh, B)
-        g_delta = torch.einsum("lben,en->lbe", G, A) + ghB * u
-        g_u = ghB * delta
-        g_A = torch.einsum("lben,lbe->en", G, delta)
-        g_B = torch.einsum("lben,lbe->lbn", gh, delta * u)
-        return g_u, g_delta, g_A, g_B, gC
+        G[0].zero_()
+        G[1:].mul_(gh[1:]).mul_(h[:-1])
+        g_A = torch.mul(G, delta.unsqueeze(2), out=gh).view(LB, N * E).sum(0).view(N, E).t()
+        g_delta = G.mul_(At).sum(2)
+        g_delta.addcmul_(ghB, u)
+        g_u = ghB.mul_(delta)
+        return g_u, g_delta, g_A, g_B, g_C
 
 
 def selective_scan(
@@ -410,7 +457,8 @@ class Mamba(nn.Module):
         xz = self.in_proj(x).transpose(1, 2)  # (Bw, 2E, L)
         xi, z = xz.chunk(2, dim=1)
         if causal_conv1d_fn is not None:
-            xc = causal_conv1d_fn(xi.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias,
+            bias = None if self.conv1d.bias is None else self.conv1d.bias.to(xi.dtype)
+            xc = causal_conv1d_fn(xi.contiguous(), self.conv1d.weight.squeeze(1).to(xi.dtype), bias,
                                   activation="silu")
         else:
             xc = F.silu(self.conv1d(xi)[..., :L])

@@ -25,11 +25,12 @@ PIPELINE_NAME = "regionmae"
 CODE_URL = "https://github.com/bids-regionmae/bids_regionmae"
 
 #: Files this app writes that the BIDS specification does not describe. One
-#: list for every stage so that concurrent writers agree on its content.
+#: list for every stage so that concurrent writers agree on its content. The
+#: validator does not honour folder patterns with a trailing slash.
 BIDSIGNORE_ENTRIES: tuple[str, ...] = (
-    "logs/",
+    "logs",
     "models",
-    "group/",
+    "group",
     "*.html",
     "*.npy",
     "*.toml",
@@ -41,7 +42,7 @@ BIDSIGNORE_ENTRIES: tuple[str, ...] = (
     "*_predictions.*",
     "*_regionerror.*",
     "*_attribution.*",
-    "*/figures/",
+    "figures",
 )
 
 REFERENCES: dict[str, str] = {

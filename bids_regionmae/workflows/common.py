@@ -91,6 +91,20 @@ def resolve_device(requested: str) -> str:
     return "cuda" if available else "cpu"
 
 
+def set_threads(omp_nthreads: int | None, nprocs: int) -> int:
+    """Set torch's intra-op threads: ``omp_nthreads``, else the usable cores shared among ``nprocs``.
+
+    On a shared or oversubscribed machine (SLURM, several participant jobs)
+    too many threads make the CPU model several times slower.
+    """
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = omp_nthreads or max(1, cores // max(1, nprocs))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA)."""
     import torch
@@ -119,11 +133,12 @@ def prepare_run(config: RunConfig, *, write_config: bool = True) -> RunContext:
             from exc
     os.environ.setdefault("MPLCONFIGDIR", str(work_dir / "matplotlib"))
     device = resolve_device(config.device)
+    threads = set_threads(config.omp_nthreads, config.nprocs)
     seed_everything(config.seed)
     run_id = time.strftime("%Y%m%d-%H%M%S") + "_" + uuid.uuid4().hex[:6]
     ctx = RunContext(config=config, output_dir=output_dir, work_dir=work_dir, logs_dir=logs_dir,
                      device=device, run_id=run_id,
-                     environment=environment_record(device=device, seed=config.seed))
+                     environment=environment_record(device=device, seed=config.seed, torch_threads=threads))
     if write_config:
         ctx.write_config()
     LOGGER.info("regionmae %s level, stage %s: %s -> %s (device %s)", config.analysis_level, ctx.stage,

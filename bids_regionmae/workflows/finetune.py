@@ -39,11 +39,12 @@ Output: ``output_dir/models/finetune_<target>_from-<pretrained-dir-name>/``
     finetune_report.html            tables, ROC curves, confusion matrices
     baseline_metrics.tsv/.json, baseline_report.html   the connectivity baseline, same splits
     baseline_folds.json             the baseline's fold results (reused on rerun)
-    model_vs_baseline.tsv/.json/.html   one row each: ACC and AUROC mean ± sd
+    model_vs_baseline.tsv/.json/.html   classification: one row each, ACC and AUROC mean ± sd
     predictions.tsv                 every fold's test participants: fold, participant_id, true label,
                                     output(s), probability, predicted label
     folds/<split>/train_log.csv, val_log.csv, fold_result.json   per split (fold_result.json = done)
     final/train_log.csv, val_log.csv                             the refit
+    (folds/<split>/checkpoints/ and final/checkpoints/ hold the engine state while training; removed when done)
     figures/training_curves.svg     training (per step) and validation (per epoch) loss of every split
     report.html                     summary page linking the above
     finetune_summary.json           summary of the run (written last: completion marker)
@@ -85,7 +86,7 @@ from typing import Any
 import numpy as np
 
 from bids_regionmae.config import RunConfig
-from bids_regionmae.errors import EXIT_OK, InputMissingError, UsageError
+from bids_regionmae.errors import EXIT_OK, InputDataError, InputMissingError, UsageError
 
 LOGGER = logging.getLogger(__name__)
 
@@ -262,15 +263,28 @@ def load_cohort(config: RunConfig, output_dir: str | Path) -> Cohort:
 
 
 def _model_clip_length(config: RunConfig) -> int:
+    """Frames per clip of the model that will be fine-tuned (``--model``'s spec, else ``--variant``'s)."""
     if config.model_dir:
-        summary = Path(config.model_dir) / "training_summary.json"
+        from bids_regionmae.models.checkpoint import read_model_metadata
+
         try:
-            return int(json.loads(summary.read_text(encoding="utf-8"))["img_size"][3])
-        except (OSError, KeyError, ValueError, TypeError, IndexError):
-            pass
+            return int(read_model_metadata(config.model_dir)["spec"]["img_size"][3])
+        except (InputMissingError, InputDataError, KeyError, ValueError, TypeError, IndexError) as exc:
+            LOGGER.debug("cannot read the clip length of %s (%s)", config.model_dir, exc)
     from bids_regionmae.models.registry import get_spec
 
     return int(get_spec(config.model.variant).img_size[3])
+
+
+def _weights_sha256(model_dir: str | Path | None) -> str | None:
+    if not model_dir:
+        return None
+    from bids_regionmae.models.checkpoint import read_model_metadata
+
+    try:
+        return (read_model_metadata(model_dir).get("weights") or {}).get("sha256")
+    except Exception:  # noqa: BLE001 - only a fingerprint detail; loading reports real problems
+        return None
 
 
 # --------------------------------------------------------------------------- splits
@@ -407,7 +421,8 @@ def _fingerprint(cohort: Cohort, config: RunConfig, splits: Sequence[Any], pretr
     t = config.train
     return {
         "target": cohort.task.target, "task": cohort.task.to_dict(), "mode": config.finetune.mode,
-        "pretrained": str(Path(pretrained).resolve()) if pretrained else None, "variant": variant,
+        "pretrained": str(Path(pretrained).resolve()) if pretrained else None,
+        "pretrained_sha256": _weights_sha256(pretrained), "variant": variant,
         "seed": config.seed, "participants": cohort.digest(),
         "splits": hashlib.sha256(json.dumps([s.to_dict() for s in splits]).encode()).hexdigest(),
         "epochs": t.epochs, "max_steps": t.max_steps, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
@@ -546,6 +561,7 @@ def run_finetune(ctx: Any, config: RunConfig, cohort: Cohort, splits: Sequence[A
             metadata = _model_metadata(cohort, config, spec, pretrained, source_meta, fin, outcome.loss, summary,
                                        splits)
             save_model(directory_or_path=model_dir, model=outcome.model, extra=metadata)
+            shutil.rmtree(model_dir / "final" / "checkpoints", ignore_errors=True)
     if info.is_main:
         _draw_curves(model_dir, [s.name for s in splits])
         _write_report(model_dir, name, task, summary, pooled_summary(baseline) if baseline else None, splits,

@@ -21,15 +21,17 @@ def run(config: RunConfig) -> int:
         1 when at least one run failed.
     """
     ctx = prepare_run(config)
-    from bids_regionmae.bids.discovery import discover_runs
+    from bids_regionmae.bids import discover_runs
     from bids_regionmae.preprocess import preprocess_runs
     from bids_regionmae.reports.participant import write_participant_reports
 
     discovery = discover_runs(config.bids_dir, config.inputs, work_dir=ctx.work_dir)
     LOGGER.info("found %d runs of %d participants (%d files skipped)", len(discovery.runs),
                 len({r.subject for r in discovery.runs}), len(discovery.skipped))
-    for path, reason in discovery.skipped:
-        LOGGER.warning("skipped %s: %s", path, reason)
+    for item in discovery.skipped:
+        LOGGER.warning("skipped %s: %s", item.path, item.reason)
+    for warning in discovery.report.warnings:
+        LOGGER.warning("%s", warning)
     atlas = model_grid_atlas(ctx.output_dir, atlas_file=config.atlas.atlas_file,
                              atlas_labels=config.atlas.atlas_labels)
     results = preprocess_runs(
