@@ -251,8 +251,8 @@ def resolve_config(bids_dir: Path, output_dir: Path, analysis_level: str, option
     }
     values: dict[str, Any] = {
         "bids_dir": str(bids_dir), "output_dir": str(output_dir), "analysis_level": analysis_level,
-        "stage": o["stage"], "model_dir": o["model_dir"], "work_dir": o["work_dir"], "nprocs": o["nprocs"], "omp_nthreads": o["omp_nthreads"],
-        "seed": o["seed"], "device": o["device"], "verbose": o["verbose"] or None,
+        "stage": o["stage"], "model_dir": o["model_dir"], "work_dir": o["work_dir"], "nprocs": o["nprocs"],
+        "omp_nthreads": o["omp_nthreads"], "seed": o["seed"], "device": o["device"], "verbose": o["verbose"] or None,
     }
     values = {k: v for k, v in values.items() if v is not None}
     for name, section in sections.items():
