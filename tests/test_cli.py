@@ -162,3 +162,25 @@ def test_invalid_config_values_name_the_option(tmp_path, capsys):
     assert "masking.mask_ratio" in err and "masking.unknown_key" in err
     assert main([str(bids), str(tmp_path / "out"), "participant", "--config-file",
                  str(tmp_path / "none.toml")]) == 66
+
+
+def test_filters_matching_nothing_exit_18(tmp_path, capsys):
+    from bids_regionmae.bids.testing import make_fmriprep_tree
+
+    bids = make_fmriprep_tree(tmp_path / "fmriprep", subjects=("01", "02"))
+    assert main([str(bids), str(tmp_path / "out"), "participant", "--participant-label", "99"]) == 18
+    err = capsys.readouterr().err
+    assert "01" in err and "02" in err  # lists what exists
+    filters = tmp_path / "f.json"
+    filters.write_text(json.dumps({"bold": {"task": "nback"}}))
+    assert main([str(bids), str(tmp_path / "out"), "participant", "--bids-filter-file", str(filters)]) == 18
+    assert "rest" in capsys.readouterr().err
+
+
+def test_invalid_dataset_description_exits_16(tmp_path, capsys):
+    from bids_regionmae.bids.testing import make_fmriprep_tree
+
+    bids = make_fmriprep_tree(tmp_path / "fmriprep", subjects=("01",))
+    (bids / "dataset_description.json").write_text("{not json")
+    assert main([str(bids), str(tmp_path / "out"), "participant"]) == 16
+    assert "dataset_description.json" in capsys.readouterr().err
