@@ -51,8 +51,8 @@ def test_binary_numeric_with_exclusions(participants):
 
 def test_binary_text_multiclass_and_continuous(participants):
     text = load_labels(participants, target="group")
-    assert text.kind == "binary" and text.classes == ["ADHD", "TDC"] and text.values["04"] == "TDC"
-    assert text.encoded()["02"] == 1.0  # classes[1] is the positive class
+    assert text.kind == "binary" and text.classes == ["TDC", "ADHD"] and text.values["04"] == "TDC"
+    assert text.encoded()["02"] == 0.0 and text.encoded()["01"] == 1.0  # ADHD (classes[1]) is positive
     multi = load_labels(participants, target="subtype")
     assert multi.kind == "multiclass" and multi.classes == [0, 1, 2, 3] and multi.values["08"] == 3
     cont = load_labels(participants, target="age")
@@ -147,3 +147,12 @@ def test_bom_and_sniffed_delimiter(tmp_path):
     path.write_text("\ufeffparticipant_id;dx\nsub-1;yes\nsub-2;no\n", encoding="utf-8")
     labels = load_labels(path, target="dx")
     assert labels.values == {"1": "yes", "2": "no"} and labels.kind == "binary"
+
+
+def test_control_group_is_the_negative_class():
+    from bids_regionmae.bids.labels import detect_kind
+
+    assert detect_kind(["ADHD", "control", "ADHD"]) == ("binary", ["control", "ADHD"])
+    assert detect_kind(["patient", "HC"]) == ("binary", ["HC", "patient"])
+    assert detect_kind(["a", "b", "a"]) == ("binary", ["a", "b"])  # no control-like name: sorted
+    assert detect_kind(["1", "0", "1"]) == ("binary", [0, 1])

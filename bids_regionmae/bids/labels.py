@@ -213,7 +213,27 @@ def detect_kind(values: Iterable[str], max_classes: int = 10) -> tuple[str, list
         if integral and len(nums) <= max_classes and 2 * len(nums) <= len(values):
             return "multiclass", [int(n) for n in nums]
         return "continuous", []
-    return ("binary" if len(distinct) == 2 else "multiclass"), distinct
+    if len(distinct) == 2:
+        return "binary", _control_first(distinct)
+    return "multiclass", distinct
+
+
+#: Text labels that name the reference (negative) group of a binary target.
+CONTROL_NAMES = frozenset({"control", "controls", "hc", "healthy", "healthy control", "td",
+                           "typically developing", "tdc", "nc", "normal", "con", "ctrl", "no", "negative", "false"})
+
+
+def _control_first(classes: list[str]) -> list[str]:
+    """Order two text classes so that a control-like one is first (negative, logit < 0).
+
+    Sorted order otherwise: e.g. ``["ADHD", "control"]`` becomes
+    ``["control", "ADHD"]`` so that ADHD is the positive class and
+    sensitivity refers to it.
+    """
+    controls = [c for c in classes if str(c).strip().lower() in CONTROL_NAMES]
+    if len(controls) == 1:
+        return controls + [c for c in classes if c not in controls]
+    return classes
 
 
 def load_labels(*candidates: str | Path, target: str, group_column: str | None = None,

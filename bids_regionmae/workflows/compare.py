@@ -241,8 +241,12 @@ def _run(config: RunConfig, info: Any) -> int:
         ctx.write_config(out_dir)
         save_splits(out_dir / "splits.json", splits, metadata={"target": cohort.task.target, "seed": config.seed,
                                                                "strategies": strategies})
-    baseline = baseline_results(cohort, splits, config, output_dir,
-                                cache=out_dir / "baseline_folds.json" if info.is_main else None)
+    try:
+        baseline = baseline_results(cohort, splits, config, output_dir,
+                                    cache=out_dir / "baseline_folds.json" if info.is_main else None)
+    except Exception as exc:  # noqa: BLE001 - the strategies are still compared
+        LOGGER.error("the connectivity baseline failed (%s: %s); no baseline row", type(exc).__name__, exc)
+        baseline = None
     common_path = out_dir / "common_mse.json"
     common: dict[str, Any] = {}
     if common_path.is_file() and config.train.resume:
@@ -258,7 +262,8 @@ def _run(config: RunConfig, info: Any) -> int:
             pretrain_stage.run(configs[strategy])
         ft_config = config.model_copy(update={"stage": "finetune", "model_dir": str(model_dir)})
         ft_ctx = dataclasses.replace(ctx, config=ft_config)
-        result = run_finetune(ft_ctx, ft_config, cohort, splits, info=info, pretrained=model_dir, baseline=baseline)
+        result = run_finetune(ft_ctx, ft_config, cohort, splits, info=info, pretrained=model_dir, baseline=baseline,
+                              with_baseline=baseline is not None)
         own = json.loads((model_dir / "training_summary.json").read_text(encoding="utf-8")).get("final_val_loss")
         if model_dir.name not in common:
             common[model_dir.name] = common_reconstruction_mse(model_dir, config, output_dir, device=info.device)
@@ -271,9 +276,10 @@ def _run(config: RunConfig, info: Any) -> int:
 
     scratch_config = config.model_copy(update={"stage": "finetune", "model_dir": None})
     scratch = run_finetune(dataclasses.replace(ctx, config=scratch_config), scratch_config, cohort, splits,
-                           info=info, pretrained=None, baseline=baseline)
+                           info=info, pretrained=None, baseline=baseline, with_baseline=baseline is not None)
     rows.append(_row("no-pretraining", scratch.summary, masking="none", finetuned_dir=scratch.model_dir.name))
-    rows.append(_row("connectivity-baseline", pooled_summary(baseline), masking="none"))
+    if baseline:
+        rows.append(_row("connectivity-baseline", pooled_summary(baseline), masking="none"))
     if info.is_main:
         from bids_regionmae.evaluation.report import write_comparison
 

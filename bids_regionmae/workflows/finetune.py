@@ -517,6 +517,7 @@ def run_finetune(ctx: Any, config: RunConfig, cohort: Cohort, splits: Sequence[A
                               "group_column": config.finetune.group_column,
                               "val_fraction": config.train.val_fraction, "final": fin.to_dict()})
         _write_labels(model_dir / "labels.tsv", cohort, splits, fin)
+    _barrier(info)  # other ranks look for finished splits only after rank 0 has checked the directory
 
     clips = ClipDataset(cohort.runs, spec.img_size, subjects=cohort.subjects)
     data = LabelledClips(clips, cohort.targets)
@@ -532,7 +533,13 @@ def run_finetune(ctx: Any, config: RunConfig, cohort: Cohort, splits: Sequence[A
     summary = pooled_summary(fold_results)
 
     if with_baseline and baseline is None:
-        baseline = baseline_results(cohort, splits, config, ctx.output_dir, cache=model_dir / BASELINE_FILE)
+        try:
+            baseline = baseline_results(cohort, splits, config, ctx.output_dir,
+                                        cache=model_dir / BASELINE_FILE if info.is_main else None)
+        except Exception as exc:  # noqa: BLE001 - the fine-tuned model and its metrics still stand
+            LOGGER.error("the connectivity baseline failed (%s: %s); results are written without it",
+                         type(exc).__name__, exc)
+            baseline = None
 
     class_names = list(task.class_names) or None
     if info.is_main:
@@ -574,6 +581,13 @@ def run_finetune(ctx: Any, config: RunConfig, cohort: Cohort, splits: Sequence[A
                                  "baseline_summary": pooled_summary(baseline) if baseline else None,
                                  "final": refit_summary, "excluded": cohort.excluded})
     return FinetuneResult(model_dir=model_dir, fold_results=fold_results, baseline=baseline, summary=summary)
+
+
+def _barrier(info: Any) -> None:
+    import torch.distributed as dist
+
+    if getattr(info, "world_size", 1) > 1 and dist.is_initialized():
+        dist.barrier()
 
 
 def summary_floats(summary: Mapping[str, Any]) -> dict[str, dict[str, float]]:
