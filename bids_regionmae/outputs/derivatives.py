@@ -35,6 +35,7 @@ BIDSIGNORE_ENTRIES: tuple[str, ...] = (
     "*.npy",
     "*.toml",
     "*_desc-modelready_*",
+    "*_boldref.nii.gz",
     "*_clips.tsv",
     "*_qc.json",
     "*_qc.tsv",
