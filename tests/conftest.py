@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+
+# Tests never try to download AAL3 (atlas tests exercise downloads explicitly).
+os.environ.setdefault("REGIONMAE_OFFLINE", "1")
 
 #: Real reference data next to the repository (``../shared/data``); never copied into the repo.
 SHARED_DATA: Path = Path(__file__).resolve().parents[2] / "shared" / "data"
