@@ -120,7 +120,7 @@ def save_micro_models(out: Path, n_classes: int = 3, seed: int = 0) -> tuple[Pat
 @pytest.fixture(scope="module")
 def predicted(tmp_path_factory):
     """Three participants predicted with the micro model; sub-03 has a broken brain mask."""
-    from bids_regionmae.predict.atlas import load_prediction_atlas
+    from bids_regionmae.atlas import model_grid_atlas
     from bids_regionmae.predict.group import write_group_outputs
     from bids_regionmae.predict.models import load_prediction_model
     from bids_regionmae.predict.run import PredictSettings, predict_many
@@ -131,7 +131,7 @@ def predicted(tmp_path_factory):
     nib.save(nib.Nifti1Image(np.ones((10, 10, 10), np.uint8), MODEL_AFFINE), str(broken))
     pretrain_dir, finetune_dir = save_micro_models(out)
     model = load_prediction_model(finetune_dir, backend="torch")
-    atlas = load_prediction_atlas(out)
+    atlas = model_grid_atlas(out)
     runs: dict[str, list] = {}
     for run in find_model_ready_runs(out):
         runs.setdefault(run.subject, []).append(run)

@@ -125,7 +125,7 @@ def test_participant_report_after_preprocessing(store):
 
 
 def test_report_includes_predictions_when_rerun(store):
-    from bids_regionmae.predict.atlas import load_prediction_atlas
+    from bids_regionmae.atlas import model_grid_atlas
     from bids_regionmae.predict.group import write_group_outputs
     from bids_regionmae.predict.run import PredictSettings, predict_many
     from bids_regionmae.preprocess.store import find_model_ready_runs
@@ -137,7 +137,7 @@ def test_report_includes_predictions_when_rerun(store):
     for run in find_model_ready_runs(store):
         runs.setdefault(run.subject, []).append(run)
     settings = PredictSettings(ig_steps=4, ig_max_clips=1, occlusion_mode="mask-token", progress=False)
-    results = predict_many(runs, model, load_prediction_atlas(store), store, settings=settings)
+    results = predict_many(runs, model, model_grid_atlas(store), store, settings=settings)
     assert all(o.status == "done" for outcomes in results.values() for o in outcomes)
     write_group_outputs(store, LABEL, model=model.describe())
     page_path = write_participant_reports(store, ["01"], stage=f"predict-{LABEL}")[0]

@@ -9,12 +9,15 @@
   regions vanish (:func:`atlas_on_model_grid`, :func:`patch_label_map`,
   :func:`vanished_regions`).
 - :mod:`.derivative`: the BIDS atlas derivative (:func:`write_atlas_derivative`).
+- :mod:`.model_grid`: the atlas every stage uses, read back from the derivative
+  (:func:`model_grid_atlas`).
 
 Importing this package imports neither templateflow, nilearn's datasets nor torch.
 """
 
 from .aal3 import AAL3_CITATION, AAL3_LICENSE, Atlas, load_atlas, load_offline_atlas, read_label_table
 from .derivative import atlas_derivative_paths, write_atlas_derivative
+from .model_grid import ModelGridAtlas, model_grid_atlas, read_atlas_derivative, region_rows
 from .regions import (
     AAL3_EMPTY_LABELS,
     LOBE_GROUPS,
@@ -45,6 +48,7 @@ __all__ = [
     "PATCH_SIZE",
     "TEMPLATE_SPACES",
     "Atlas",
+    "ModelGridAtlas",
     "Region",
     "VanishedReport",
     "aal3_label_names",
@@ -55,9 +59,12 @@ __all__ = [
     "group_of_label",
     "load_atlas",
     "load_offline_atlas",
+    "model_grid_atlas",
     "patch_label_map",
     "patch_region_masks",
+    "read_atlas_derivative",
     "read_label_table",
+    "region_rows",
     "region_voxel_counts",
     "resample_labels",
     "resolve_region",

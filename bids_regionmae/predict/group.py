@@ -124,7 +124,7 @@ def write_group_outputs(output_dir: str | Path, label: str, *, model: Mapping[st
     list of Path
         Files written (figures that could not be drawn are left out).
     """
-    from bids_regionmae.predict.atlas import read_atlas_derivative
+    from bids_regionmae.atlas import read_atlas_derivative
     from bids_regionmae.reports.html import safe_figure
     from bids_regionmae.reports.participant import draw_group_bars, draw_region_values
 

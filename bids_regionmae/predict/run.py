@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bids_regionmae.predict.atlas import PredictionAtlas
+from bids_regionmae.atlas import ModelGridAtlas
 from bids_regionmae.predict.attribution import integrated_gradients, occlusion, project_onto_regions
 from bids_regionmae.predict.inference import autocast_factory, iter_run_batches, progress
 from bids_regionmae.predict.models import PredictionModel, output_names
@@ -243,7 +243,7 @@ def _region_voxel_maps(labels_m: torch.Tensor, groups: Mapping[str, Sequence[int
 # ----------------------------------------------------------------------------- one run
 
 
-def predict_run(run: Any, model: PredictionModel, atlas: PredictionAtlas, output_dir: str | Path, *,
+def predict_run(run: Any, model: PredictionModel, atlas: ModelGridAtlas, output_dir: str | Path, *,
                 settings: PredictSettings | None = None, device: torch.device | str = "cpu") -> RunOutcome:
     """Predict one model-ready run and write its outputs.
 
@@ -252,7 +252,7 @@ def predict_run(run: Any, model: PredictionModel, atlas: PredictionAtlas, output
     run : ModelReadyRun
     model : PredictionModel
         Already on ``device`` (:meth:`PredictionModel.to`).
-    atlas : PredictionAtlas
+    atlas : ModelGridAtlas
         Labels on the 96^3 store grid.
     output_dir : path
     settings : PredictSettings, optional
@@ -435,7 +435,7 @@ def predict_run(run: Any, model: PredictionModel, atlas: PredictionAtlas, output
     return outcome
 
 
-def _attribution(run: Any, model: PredictionModel, atlas: PredictionAtlas, labels_m: torch.Tensor, dataset: Any,
+def _attribution(run: Any, model: PredictionModel, atlas: ModelGridAtlas, labels_m: torch.Tensor, dataset: Any,
                  brain_m: torch.Tensor, target: int, paths: Mapping[str, Path], settings: PredictSettings,
                  device: Any, ac: Any, common: Mapping[str, Any], outcome: RunOutcome, group_patch_maps: Any,
                  upsample_to_store: Any, save_map: Any, target_name: str, bar: Any) -> list[Path]:
@@ -547,7 +547,7 @@ def _attribution(run: Any, model: PredictionModel, atlas: PredictionAtlas, label
 # ----------------------------------------------------------------------------- one participant
 
 
-def predict_participant(subject: str, runs: Sequence[Any], model: PredictionModel, atlas: PredictionAtlas,
+def predict_participant(subject: str, runs: Sequence[Any], model: PredictionModel, atlas: ModelGridAtlas,
                         output_dir: str | Path, *, settings: PredictSettings | None = None,
                         device: torch.device | str = "cpu") -> list[RunOutcome]:
     """Predict every run of a participant, then write the participant-level tables.
@@ -558,7 +558,7 @@ def predict_participant(subject: str, runs: Sequence[Any], model: PredictionMode
     runs : sequence of ModelReadyRun
     model : PredictionModel
         On ``device``.
-    atlas : PredictionAtlas
+    atlas : ModelGridAtlas
     output_dir : path
     settings : PredictSettings, optional
     device : torch.device or str
@@ -642,7 +642,7 @@ def write_subject_tables(subject: str, outcomes: Sequence[RunOutcome], model: Pr
     return written
 
 
-def predict_many(runs: Mapping[str, Sequence[Any]], model: PredictionModel, atlas: PredictionAtlas,
+def predict_many(runs: Mapping[str, Sequence[Any]], model: PredictionModel, atlas: ModelGridAtlas,
                  output_dir: str | Path, *, settings: PredictSettings | None = None,
                  device: torch.device | str = "cpu") -> dict[str, list[RunOutcome]]:
     """Predict several participants; a failing participant never stops the others.

@@ -632,7 +632,7 @@ def _model_section(report: HtmlReport, output_dir: Path, subject: str, label: st
 
 def _attribution_brain_figure(output_dir: Path, subject: str, label: str, rows: Sequence[Mapping[str, Any]],
                               runs: Sequence[Any]) -> Path | None:
-    from bids_regionmae.predict.atlas import read_atlas_derivative
+    from bids_regionmae.atlas import read_atlas_derivative
 
     atlas = read_atlas_derivative(output_dir)
     if atlas is None:

@@ -6,7 +6,7 @@ import logging
 
 from bids_regionmae.config import RunConfig
 from bids_regionmae.errors import EXIT_ERROR, EXIT_OK
-from bids_regionmae.workflows.common import model_grid_atlas, prepare_run
+from bids_regionmae.workflows.common import prepare_run
 
 LOGGER = logging.getLogger(__name__)
 
@@ -21,6 +21,7 @@ def run(config: RunConfig) -> int:
         1 when at least one run failed.
     """
     ctx = prepare_run(config)
+    from bids_regionmae.atlas import model_grid_atlas
     from bids_regionmae.bids import discover_runs
     from bids_regionmae.preprocess import preprocess_runs
     from bids_regionmae.reports.participant import write_participant_reports

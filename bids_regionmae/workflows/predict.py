@@ -89,8 +89,8 @@ def run(config: RunConfig) -> int:
         The model directory does not exist, or no participant has model-ready
         data (exit 66).
     """
+    from bids_regionmae.atlas import model_grid_atlas
     from bids_regionmae.errors import UsageError
-    from bids_regionmae.predict.atlas import load_prediction_atlas
     from bids_regionmae.predict.group import write_group_outputs
     from bids_regionmae.predict.models import load_prediction_model
     from bids_regionmae.predict.run import PredictSettings, predict_many
@@ -120,7 +120,7 @@ def run(config: RunConfig) -> int:
         raise InputMissingError(f"{output_dir}: no model-ready data. Run participant level without --model first: "
                                 f"regionmae {config.bids_dir} {output_dir} participant")
     ctx.write_config(model_dir=str(model.model_dir), model_label=model.label)
-    atlas = load_prediction_atlas(output_dir, config.atlas.atlas_file, config.atlas.atlas_labels)
+    atlas = model_grid_atlas(output_dir, config.atlas.atlas_file, config.atlas.atlas_labels)
     model.to(ctx.device)
     LOGGER.info("predicting %d participant(s) with %s (%s) on %s", len(runs), model.label, model.kind, ctx.device)
 

@@ -137,14 +137,11 @@ def load_model_grid_atlas(output_dir: Path, config: RunConfig, *, write: bool = 
     provenance : dict
         Source, version, sha256, citation of the atlas.
     """
-    from bids_regionmae.workflows.common import model_grid_atlas
+    from bids_regionmae.atlas import model_grid_atlas
 
     grid_atlas = model_grid_atlas(output_dir, atlas_file=config.atlas.atlas_file,
                                   atlas_labels=config.atlas.atlas_labels, write=write)
-    label_names = {int(k): str(v) for k, v in grid_atlas.atlas.labels.items()}
-    groups = {g: tuple(int(i) for i in labels if int(i) in label_names) for g, labels in grid_atlas.groups.items()}
-    groups = {g: labels for g, labels in groups.items() if labels}
-    return np.asarray(grid_atlas.voxel_labels), label_names, groups, dict(grid_atlas.atlas.provenance())
+    return grid_atlas.voxel_labels, dict(grid_atlas.names), dict(grid_atlas.groups), dict(grid_atlas.provenance)
 
 
 def resolve_masked_region(config: RunConfig, label_names: Mapping[int, str]) -> tuple[str, tuple[int, ...]]:
@@ -322,6 +319,7 @@ def _run(config: RunConfig, info: Any) -> int:
         "norm_patch_loss": masking.norm_patch_loss, "model_grid": list(spec.img_size[:3]),
         "downsampling": list(factors), "train_masks": "drawn per step from (seed, step, micro-batch)",
         "validation_masks": "drawn per clip from (seed, clip index)", "atlas": atlas_provenance,
+        "never_masked_labels": _never_masked(masker, voxel_labels, region_labels, spec.patch_size),
     }
     _write_masks(model_dir, masker, masking_record, spec, factors)
 
@@ -371,6 +369,19 @@ def _write_masks(model_dir: Path, masker: Any, record: dict[str, Any], spec: Any
     atomic_write_json(folder / "masking.json", record)
 
 
+def _never_masked(masker: Any, voxel_labels: Any, labels: Sequence[int], patch_size: Sequence[int]) -> list[int]:
+    """Labels of the region (``region`` strategy) with no voxel in any patch that gets masked."""
+    if masker.strategy != "region" or not labels:
+        return []
+    import torch
+
+    px, py, pz = patch_size[:3]
+    covered = masker.region_patch_map.cpu().repeat_interleave(px, 0).repeat_interleave(py, 1)
+    covered = covered.repeat_interleave(pz, 2)
+    present = set(torch.unique(voxel_labels[covered]).tolist())
+    return sorted(int(i) for i in labels if int(i) not in present)
+
+
 def _summarize(result: Any, wall: float, info: Any, precision: str, backend: str, spec: Any, n_train: int,
                n_val: int) -> dict[str, Any]:
     history = result.history
@@ -412,9 +423,11 @@ def _final_evaluation(trainer: Any, eval_set: Any, setup: Any, voxel_labels: Any
         present = set(torch.unique(voxel_labels).tolist()) - {0}
         per_label = {str(i): (i,) for i in sorted(present)}
         all_groups = {**{f"group:{g}": v for g, v in groups.items()}, **{f"label:{k}": v for k, v in per_label.items()}}
+        example: dict[str, Any] = {}
         values = evaluate_regions(trainer.model, eval_set, setup, voxel_labels, all_groups, seed=seed,
                                   device=trainer.device, batch_size=trainer.settings.batch_size,
-                                  autocast=trainer.autocast, max_clips=64)
+                                  autocast=trainer.autocast, max_clips=64, example=example)
+        out["example"] = example or None
         out["group_mse"] = {k.split(":", 1)[1]: v for k, v in values.items() if k.startswith("group:")}
         out["region_mse"] = {int(k.split(":", 1)[1]): v for k, v in values.items() if k.startswith("label:")}
         lines = ["level\tindex\tname\tmse\tn_clips"]
@@ -425,11 +438,12 @@ def _final_evaluation(trainer: Any, eval_set: Any, setup: Any, voxel_labels: Any
         atomic_write_text(model_dir / "region_mse.tsv", "\n".join(lines) + "\n")
     except Exception as exc:  # noqa: BLE001 - evaluation for the report must not fail a finished training
         LOGGER.warning("final per-region evaluation failed: %s", exc)
-    try:
-        out["example"] = reconstruction_example(trainer.model, eval_set, 0, setup, seed=seed,
-                                                device=trainer.device, autocast=trainer.autocast)
-    except Exception as exc:  # noqa: BLE001
-        LOGGER.warning("reconstruction example failed: %s", exc)
+    if out["example"] is None:
+        try:
+            out["example"] = reconstruction_example(trainer.model, eval_set, 0, setup, seed=seed,
+                                                    device=trainer.device, autocast=trainer.autocast)
+        except Exception as exc:  # noqa: BLE001
+            LOGGER.warning("reconstruction example failed: %s", exc)
     return out
 
 
@@ -583,10 +597,11 @@ def _write_report(model_dir: Path, *, name: str, config: RunConfig, result: Any,
                                               f"({summary['n_train_clips']} / {summary['n_val_clips']} clips)"},
             {"item": "seed", "value": str(config.seed)},
         ])
-        if masking_record.get("empty_labels"):
-            report.paragraph(f"{len(masking_record['empty_labels'])} requested label(s) have no patch under the "
-                             f"'{masker.rule}' rule and are never masked: {masking_record['empty_labels']}",
-                             kind="warn")
+        never = masking_record.get("never_masked_labels") or []
+        if never:
+            names = ", ".join(f"{i} {label_names.get(i, '')}".strip() for i in never)
+            report.paragraph(f"{len(never)} label(s) of the region have no voxel in any masked patch (patch rule "
+                             f"'{masker.rule}' on the model grid) and are never masked: {names}", kind="warn")
         report.heading("Training curves")
         report.figure(curves, "Masked in-brain MSE per step (train) and per epoch (validation); right: "
                               "validation MSE per lobe.")

@@ -1,4 +1,11 @@
-"""The atlas used for prediction: AAL3 labels on the 96^3 model grid, names and lobe groups."""
+"""The atlas of a run on the 96^3 model grid: labels, names, lobe groups and provenance.
+
+Participant level resolves the atlas (user file, nilearn's AAL3, or the
+offline copy), maps it onto the model grid and writes it as a derivative
+into ``output_dir``; every later stage (pretraining, fine-tuning,
+prediction, reports) reads that derivative back, so group level uses exactly
+the atlas that participant level used.
+"""
 
 from __future__ import annotations
 
@@ -15,11 +22,11 @@ from bids_regionmae.grid import MODEL_SHAPE
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["PredictionAtlas", "load_prediction_atlas", "read_atlas_derivative"]
+__all__ = ["ModelGridAtlas", "model_grid_atlas", "read_atlas_derivative", "region_rows"]
 
 
 @dataclass
-class PredictionAtlas:
+class ModelGridAtlas:
     """Atlas labels on the model grid with region names and groups.
 
     Attributes
@@ -74,12 +81,12 @@ def _groups_for(names: Mapping[int, str], table_groups: Mapping[int, str] | None
     return groups
 
 
-def read_atlas_derivative(output_dir: str | Path, atlas_name: str = "AAL3") -> PredictionAtlas | None:
+def read_atlas_derivative(output_dir: str | Path, atlas_name: str = "AAL3") -> ModelGridAtlas | None:
     """Read the atlas derivative that participant level wrote into ``output_dir``.
 
     Returns
     -------
-    PredictionAtlas or None
+    ModelGridAtlas or None
         None when the derivative is absent or unreadable.
     """
     import nibabel as nib
@@ -113,54 +120,50 @@ def read_atlas_derivative(output_dir: str | Path, atlas_name: str = "AAL3") -> P
             provenance.update(json.loads(paths["description"].read_text(encoding="utf-8")))
         except (OSError, ValueError):
             pass
-    return PredictionAtlas(labels, names, _groups_for(names, table_groups), provenance)
+    return ModelGridAtlas(labels, names, _groups_for(names, table_groups), provenance)
 
 
-def load_prediction_atlas(output_dir: str | Path, atlas_file: str | None = None,
-                          atlas_labels: str | None = None) -> PredictionAtlas:
-    """The atlas on the model grid: from ``output_dir`` if participant level wrote it, else loaded.
+def model_grid_atlas(output_dir: str | Path, atlas_file: str | None = None, atlas_labels: str | None = None,
+                     *, write: bool = True) -> ModelGridAtlas:
+    """The atlas on the model grid: from ``output_dir`` if participant level wrote it, else loaded (and written).
 
     Parameters
     ----------
     output_dir : path
     atlas_file, atlas_labels : str, optional
         A user atlas (``--atlas-file``/``--atlas-labels``); forces loading it.
+    write : bool
+        Write the atlas derivative into ``output_dir`` when it was loaded.
 
     Returns
     -------
-    PredictionAtlas
+    ModelGridAtlas
 
     Raises
     ------
     OfflineError, UsageError
         From the atlas loader when neither the derivative nor an atlas source is available.
     """
+    import os
+
+    from bids_regionmae.atlas.aal3 import load_atlas
+    from bids_regionmae.atlas.derivative import write_atlas_derivative
+    from bids_regionmae.atlas.resample import atlas_on_model_grid
+
     if atlas_file is None:
         found = read_atlas_derivative(output_dir)
         if found is not None:
             return found
-    import bids_regionmae.atlas as atlas_pkg
-
-    if hasattr(atlas_pkg, "model_grid_atlas"):
-        atlas = atlas_pkg.model_grid_atlas(output_dir, atlas_file=atlas_file, atlas_labels=atlas_labels)
-        voxel_labels = np.asarray(atlas.voxel_labels).astype(np.int32)
-        names = dict(getattr(atlas, "labels", None) or getattr(getattr(atlas, "atlas", None), "labels", {}) or {})
-        groups = dict(getattr(atlas, "groups", None) or {}) or _groups_for(names)
-        provenance: dict[str, Any] = {}
-        for owner in (atlas, getattr(atlas, "atlas", None)):
-            value = getattr(owner, "provenance", None) if owner is not None else None
-            if value is not None:
-                provenance = dict(value() if callable(value) else value)
-                break
-        return PredictionAtlas(voxel_labels, {int(k): str(v) for k, v in names.items()},
-                               {str(g): tuple(int(i) for i in v) for g, v in groups.items() if len(v)}, provenance)
-    loaded = atlas_pkg.load_atlas(atlas_file, atlas_labels)
-    voxel_labels = np.asarray(atlas_pkg.atlas_on_model_grid(loaded)).astype(np.int32)
-    names = dict(loaded.labels)
-    return PredictionAtlas(voxel_labels, names, _groups_for(names), loaded.provenance())
+    loaded = load_atlas(atlas_file, atlas_labels, allow_download=os.environ.get("REGIONMAE_OFFLINE", "0") != "1")
+    voxel_labels = np.asarray(atlas_on_model_grid(loaded)).astype(np.int32)
+    if write:
+        write_atlas_derivative(loaded, voxel_labels, output_dir)
+    LOGGER.info("atlas: %s (%s, sha256 %s...)", loaded.name, loaded.source, loaded.sha256[:12])
+    names = {int(k): str(v) for k, v in loaded.labels.items()}
+    return ModelGridAtlas(voxel_labels, names, _groups_for(names), loaded.provenance())
 
 
-def region_rows(atlas: PredictionAtlas, labels: Sequence[int] | None = None) -> list[tuple[int, str, str]]:
+def region_rows(atlas: ModelGridAtlas, labels: Sequence[int] | None = None) -> list[tuple[int, str, str]]:
     """``(index, name, group)`` of the atlas regions present on the grid (or of ``labels``)."""
     labels = atlas.present_labels() if labels is None else list(labels)
     return [(i, atlas.names.get(i, str(i)), atlas.group_of(i)) for i in labels]
