@@ -26,7 +26,6 @@ prefix, renames keys to this package's names and reports what did not match.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -35,7 +34,6 @@ import os
 import pathlib
 import pickle
 import platform
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bids_regionmae.atomic import atomic_path
 from bids_regionmae.errors import InputDataError, InputMissingError, OutputError
 from bids_regionmae.models.heads import FinetuneModel
 from bids_regionmae.models.neurostorm import NeuroSTORMEncoder, NeuroSTORMMAE, from_neurostorm_keys
@@ -68,22 +67,6 @@ def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
     if p.suffix == ".json":
         return p.with_suffix(".safetensors"), p
     return p / WEIGHTS_NAME, p / META_NAME
-
-
-def _tmp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}")
-
-
-@contextlib.contextmanager
-def _atomic(path: Path):
-    tmp = _tmp_sibling(path)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 def _sha256(path: Path) -> str:
@@ -216,11 +199,11 @@ def save_model(directory_or_path: str | os.PathLike, model: nn.Module, spec: Mod
     }
     try:
         weights_path.parent.mkdir(parents=True, exist_ok=True)
-        with _atomic(weights_path) as tmp:
+        with atomic_path(weights_path) as tmp:
             save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME, "meta": json.dumps(meta)})
             digest = _sha256(tmp)
         meta["weights"] = {"file": weights_path.name, "sha256": digest}
-        with _atomic(meta_path) as tmp:
+        with atomic_path(meta_path) as tmp:
             tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     except OSError as exc:
         raise OutputError(f"{weights_path}: cannot write the model ({exc})") from exc

@@ -31,6 +31,7 @@ import numpy as np
 from bids_regionmae.atomic import atomic_write_json
 from bids_regionmae.outputs.derivatives import build_output_path
 from bids_regionmae.predict.naming import join_label
+from bids_regionmae.reports.figures import center_of, draw_slice_rows, orthogonal_views
 from bids_regionmae.reports.html import HtmlReport, safe_figure
 
 LOGGER = logging.getLogger(__name__)
@@ -137,18 +138,6 @@ def _statuses(output_dir: Path, subject: str) -> dict[str, dict[str, Any]]:
 # ----------------------------------------------------------------------------- figures
 
 
-def _center(mask: np.ndarray) -> tuple[int, int, int]:
-    idx = np.argwhere(mask)
-    if idx.size == 0:
-        return tuple(s // 2 for s in mask.shape)  # type: ignore[return-value]
-    return tuple(int(round(v)) for v in idx.mean(0))  # type: ignore[return-value]
-
-
-def _views(volume: np.ndarray, center: Sequence[int]) -> list[tuple[str, np.ndarray]]:
-    i, j, k = center
-    return [("axial", volume[:, :, k].T), ("coronal", volume[:, j, :].T), ("sagittal", volume[i, :, :].T)]
-
-
 def draw_group_bars(fig: Any, series: Mapping[str, Mapping[str, float]], ylabel: str, title: str = "",
                     errors: Mapping[str, Mapping[str, float]] | None = None) -> None:
     """Grouped bar chart: one bar group per region group, one bar per series (e.g. run).
@@ -195,11 +184,11 @@ def draw_mean_and_mask(fig: Any, mean: np.ndarray, mask: np.ndarray, title: str 
     title : str
     """
     axes = fig.subplots(1, 3)
-    center = _center(mask)
+    center = center_of(mask)
     finite = mean[mask] if mask.any() else mean.ravel()
     lo, hi = (np.percentile(finite, [2, 98]) if finite.size else (0.0, 1.0))
-    for ax, (view, image), (_, outline) in zip(axes, _views(mean, center), _views(mask.astype(float), center),
-                                               strict=True):
+    views = zip(axes, orthogonal_views(mean, center), orthogonal_views(mask.astype(float), center), strict=True)
+    for ax, (view, image), (_, outline) in views:
         ax.imshow(image, cmap="gray", origin="lower", vmin=lo, vmax=hi)
         if outline.any() and not outline.all():
             ax.contour(outline, levels=[0.5], colors="#e53e3e", linewidths=0.8)
@@ -228,21 +217,11 @@ def draw_reconstruction(fig: Any, example: Mapping[str, Any], title: str = "") -
     masked = np.where(vmask, np.nan, original)
     recon = np.where(brain, recon, np.nan)
     sel = vmask & brain
-    center = _center(sel if sel.any() else brain)
+    center = center_of(sel if sel.any() else brain)
     lo, hi = np.nanpercentile(original[brain], [2, 98]) if brain.any() else (-2.0, 2.0)
-    axes = fig.subplots(3, 3)
     rows = [("original", original), ("masked input", masked), ("reconstruction", recon)]
-    for r, (label, volume) in enumerate(rows):
-        for c, (view, image) in enumerate(_views(volume, center)):
-            ax = axes[r, c]
-            ax.imshow(image, cmap="gray", origin="lower", vmin=lo, vmax=hi)
-            if r == 0:
-                ax.set_title(view)
-            if c == 0:
-                ax.set_ylabel(label)
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.suptitle(title or f"masked: {example.get('group', '?')} (frame 0; masked voxels blank)")
+    draw_slice_rows(fig, rows, center, lo, hi,
+                    title=title or f"masked: {example.get('group', '?')} (frame 0; masked voxels blank)")
 
 
 def draw_region_values(fig: Any, background: np.ndarray | None, voxel_labels: np.ndarray,

@@ -46,6 +46,7 @@ import numpy as np
 
 from bids_regionmae.config import RunConfig
 from bids_regionmae.errors import EXIT_OK, InputMissingError, UsageError
+from bids_regionmae.reports.figures import center_of, draw_slice_rows, orthogonal_views
 
 LOGGER = logging.getLogger(__name__)
 
@@ -483,23 +484,12 @@ def _draw_curves(fig: Any, history: Sequence[Mapping[str, Any]], val_history: Se
         ax2.text(0.5, 0.5, "no validation set", ha="center", va="center", transform=ax2.transAxes)
 
 
-def _center(mask: np.ndarray) -> tuple[int, int, int]:
-    idx = np.argwhere(mask)
-    if idx.size == 0:
-        return tuple(s // 2 for s in mask.shape)  # type: ignore[return-value]
-    return tuple(int(round(v)) for v in idx.mean(0))  # type: ignore[return-value]
-
-
-def _views(volume: np.ndarray, center: Sequence[int]) -> list[tuple[str, np.ndarray]]:
-    i, j, k = center
-    return [("axial", volume[:, :, k].T), ("coronal", volume[:, j, :].T), ("sagittal", volume[i, :, :].T)]
-
-
 def _draw_mask(fig: Any, background: np.ndarray, region: np.ndarray, title: str) -> None:
     axes = fig.subplots(1, 3)
-    center = _center(region)
-    for ax, (view, bg), (_, rg) in zip(axes, _views(background, center), _views(region.astype(float), center),
-                                       strict=True):
+    center = center_of(region)
+    views = zip(axes, orthogonal_views(background, center), orthogonal_views(region.astype(float), center),
+                strict=True)
+    for ax, (view, bg), (_, rg) in views:
         ax.imshow(bg, cmap="gray", origin="lower")
         ax.imshow(np.ma.masked_where(rg < 0.5, rg), cmap="autumn", alpha=0.55, origin="lower", vmin=0, vmax=1)
         ax.set_title(view)
@@ -514,21 +504,11 @@ def _draw_reconstruction(fig: Any, example: Mapping[str, Any]) -> None:
     brain = example["brain_mask"].numpy()
     masked = np.where(vmask, np.nan, original)
     recon = np.where(brain, recon, np.median(original[~brain]) if (~brain).any() else 0.0)
-    center = _center(vmask & brain) if (vmask & brain).any() else _center(brain)
+    center = center_of(vmask & brain) if (vmask & brain).any() else center_of(brain)
     lo, hi = np.nanpercentile(original[brain], [2, 98]) if brain.any() else (-2, 2)
-    axes = fig.subplots(3, 3)
     rows = [("original", original), ("masked input", masked), ("reconstruction", recon)]
-    for r, (label, volume) in enumerate(rows):
-        for c, (view, image) in enumerate(_views(volume, center)):
-            ax = axes[r, c]
-            ax.imshow(image, cmap="gray", origin="lower", vmin=lo, vmax=hi)
-            if r == 0:
-                ax.set_title(view)
-            if c == 0:
-                ax.set_ylabel(label)
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.suptitle(f"{example['run_id']} clip {example['clip_index']}, frame 0 (masked voxels blank)")
+    draw_slice_rows(fig, rows, center, lo, hi,
+                    title=f"{example['run_id']} clip {example['clip_index']}, frame 0 (masked voxels blank)")
 
 
 def _background_image(runs: Sequence[Any]) -> np.ndarray:
