@@ -95,7 +95,7 @@ def main() -> int:
             shutil.copytree(prepared, out, symlinks=True)
         code = regionmae([str(bids), str(out), "group", "--stage", "compare", "--target", "diagnosis",
                           "--strategies", ",".join(STRATEGIES), "--variant", "tiny", "--seed", str(seed),
-                          "--max-steps", str(args.steps), "--batch-size", "4", "--lr", "1e-3",
+                          "--max-steps", str(args.steps), "--batch-size", "4", "--lr", "1e-3", "--finetune-lr", "1e-3",
                           "--epochs", str(args.epochs), "--folds", str(args.folds)])
         if code != 0:
             print(f"compare failed for seed {seed} (exit {code})", file=sys.stderr)

@@ -187,7 +187,15 @@ def _read_filter_file(path: str | None) -> dict[str, Any]:
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Clips per step (per process).")
-@click.option("--lr", type=float, default=None, help="Peak learning rate.")
+@click.option("--lr", type=float, default=None, help="Pretraining peak learning rate [default: 5e-5].")
+@click.option("--finetune-lr", type=float, default=None, help="Fine-tuning peak learning rate [default: 1e-3].")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=None, help="Gradient accumulation steps.")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Share of participants held out for validation during training [default: 0.2].")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, help="Checkpoint every N steps.")
+@click.option("--num-workers", type=click.IntRange(min=0), default=None, help="Data-loader worker processes.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
+              help="auto: bf16 autocast on CUDA, fp32 on CPU.")
 @click.option("--resume/--no-resume", default=None, help="Continue from the last checkpoint [default: yes].")
 @click.option("--target", default=None, help="Column of participants.tsv to predict (finetune).")
 @click.option("--finetune-mode", type=click.Choice(["linear-probe", "prompt", "full"]), default=None,
@@ -242,12 +250,15 @@ def resolve_config(bids_dir: Path, output_dir: Path, analysis_level: str, option
                     "mask_ratio": o["mask_ratio"], "mask_fraction": o["mask_fraction"],
                     "level": o["mask_level"], "include_background": o["include_background"]},
         "train": {"epochs": o["epochs"], "max_steps": o["max_steps"], "batch_size": o["batch_size"],
-                  "lr": o["lr"], "resume": o["resume"]},
-        "predict": {"input_space": o["input_space_maps"], "region_masking": o["per_region_error"],
+                  "lr": o["lr"], "resume": o["resume"], "grad_accum": o["grad_accum"],
+                  "val_fraction": o["val_fraction"], "checkpoint_every": o["checkpoint_every"],
+                  "num_workers": o["num_workers"], "precision": o["precision"]},
+        "predict": {"input_space": o["input_space_maps"],
+                    "region_masking": o["per_region_error"],
                     "occlusion_mode": o["occlusion"], "ig_steps": o["ig_steps"],
                     "attribution": False if o["no_attribution"] else None},
-        "finetune": {"target": o["target"], "mode": o["finetune_mode"], "group_column": o["group_column"],
-                     "folds": o["folds"], "strategies": o["strategies"]},
+        "finetune": {"lr": o["finetune_lr"], "target": o["target"], "mode": o["finetune_mode"],
+                     "group_column": o["group_column"], "folds": o["folds"], "strategies": o["strategies"]},
     }
     values: dict[str, Any] = {
         "bids_dir": str(bids_dir), "output_dir": str(output_dir), "analysis_level": analysis_level,

@@ -143,13 +143,18 @@ class TrainConfig(_Section):
 
 
 class FinetuneConfig(_Section):
-    """Fine-tuning on a phenotype and its evaluation."""
+    """Fine-tuning on a phenotype and its evaluation.
+
+    ``lr`` is the fine-tuning learning rate (heads and prompts learn far
+    faster than the pretraining rate ``train.lr``); the other optimisation
+    settings come from the ``train`` section.
+    """
 
     target: str | None = None
     mode: Literal["linear-probe", "prompt", "full"] = "linear-probe"
     group_column: str | None = None
     folds: int = Field(5, ge=2)
-    test_fraction: float = Field(0.2, gt=0, lt=1)
+    lr: float = Field(1e-3, gt=0)
     patience: int = Field(5, ge=1)
     strategies: tuple[str, ...] = ()
 

@@ -50,7 +50,7 @@ def compared(tmp_path_factory: pytest.TempPathFactory):
         atlas={"atlas_file": str(cohort.atlas_file), "patch_rule": "any"},
         train={"epochs": 1, "max_steps": 2, "batch_size": 2, "lr": 1e-2, "warmup_fraction": 0.0,
                "val_fraction": 0.25, "checkpoint_every": 100, "num_workers": 0},
-        finetune={"target": "diagnosis", "mode": "linear-probe", "folds": 2, "patience": 2,
+        finetune={"target": "diagnosis", "mode": "linear-probe", "folds": 2, "patience": 2, "lr": 1e-2,
                   "strategies": "random,cerebellum"})
     assert run(config) == 0
     return config, cohort.output_dir

@@ -68,7 +68,8 @@ def make_config(cohort, output_dir: Path, *, finetune: dict | None = None, **tra
     train_values = {"epochs": 15, "batch_size": 8, "lr": 0.1, "warmup_fraction": 0.0, "weight_decay": 0.0,
                     "val_fraction": 0.25, "checkpoint_every": 50, "num_workers": 0}
     train_values.update(train)
-    finetune_values = {"target": "diagnosis", "mode": "linear-probe", "folds": 3, "patience": 5}
+    finetune_values = {"target": "diagnosis", "mode": "linear-probe", "folds": 3, "patience": 5,
+                       "lr": train_values.pop("lr")}
     finetune_values.update(finetune or {})
     return RunConfig(bids_dir=str(cohort.bids_dir), output_dir=str(output_dir), analysis_level="group",
                      stage="finetune", device="cpu", seed=0, model={"variant": VARIANT, "backend": "torch"},

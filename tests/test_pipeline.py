@@ -48,7 +48,7 @@ def pipeline(tmp_path_factory):
                               "--regions", "cerebellum", "--max-steps", "4", "--batch-size", "2", *common])
     codes["finetune"] = main([str(bids), str(out), "group", "--stage", "finetune", "--target", "diagnosis",
                               "--model", str(out / "models" / PRETRAINED), "--folds", "2", "--epochs", "2",
-                              "--batch-size", "4", "--lr", "1e-3", *common])
+                              "--batch-size", "4", *common])
     codes["predict"] = main([str(bids), str(out), "participant", "--model", str(out / "models" / FINETUNED),
                              "--participant-label", "01", "02", "--ig-steps", "2", *common])
     return bids, out, codes
