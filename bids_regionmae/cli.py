@@ -188,7 +188,8 @@ def _read_filter_file(path: str | None) -> dict[str, Any]:
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Clips per step (per process).")
 @click.option("--lr", type=float, default=None, help="Pretraining peak learning rate [default: 5e-5].")
-@click.option("--finetune-lr", type=float, default=None, help="Fine-tuning peak learning rate [default: 1e-3].")
+@click.option("--finetune-lr", type=float, default=None,
+              help="Fine-tuning peak learning rate [default: 1e-2; full mode: --lr].")
 @click.option("--grad-accum", type=click.IntRange(min=1), default=None, help="Gradient accumulation steps.")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Share of participants held out for validation during training [default: 0.2].")

@@ -146,15 +146,21 @@ class FinetuneConfig(_Section):
     """Fine-tuning on a phenotype and its evaluation.
 
     ``lr`` is the fine-tuning learning rate (heads and prompts learn far
-    faster than the pretraining rate ``train.lr``); the other optimisation
-    settings come from the ``train`` section.
+    faster than the pretraining rate ``train.lr``, see :meth:`learning_rate`);
+    the other optimisation settings come from the ``train`` section.
     """
 
     target: str | None = None
     mode: Literal["linear-probe", "prompt", "full"] = "linear-probe"
     group_column: str | None = None
     folds: int = Field(5, ge=2)
-    lr: float = Field(1e-3, gt=0)
+    lr: float | None = Field(None, gt=0)
+
+    def learning_rate(self, pretrain_lr: float) -> float:
+        """``lr`` if set; else 1e-2 for heads and prompts on a frozen encoder, the pretraining rate for ``full``."""
+        if self.lr is not None:
+            return self.lr
+        return pretrain_lr if self.mode == "full" else 1e-2
     patience: int = Field(5, ge=1)
     strategies: tuple[str, ...] = ()
 

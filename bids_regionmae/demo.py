@@ -75,7 +75,7 @@ def main(directory: Path, subjects: int, frames: int, steps: int, seed: int) -> 
     pretrained = out / "models" / f"pretrain_region-cerebellum_tiny_seed-{seed}"
     _stage("group level: fine-tuning on diagnosis (cross-validated)",
            [str(fmriprep), str(out), "group", "--stage", "finetune", "--target", "diagnosis", "--model",
-            str(pretrained), "--folds", "3", "--epochs", "8", "--batch-size", "8", *common])
+            str(pretrained), "--folds", "3", "--epochs", "30", "--batch-size", "8", *common])
     finetuned = out / "models" / f"finetune_diagnosis_from-{pretrained.name}"
     _stage("participant level: predictions, region errors and attribution",
            [str(fmriprep), str(out), "participant", "--model", str(finetuned), *common])

@@ -426,7 +426,8 @@ def _fingerprint(cohort: Cohort, config: RunConfig, splits: Sequence[Any], pretr
         "seed": config.seed, "participants": cohort.digest(),
         "splits": hashlib.sha256(json.dumps([s.to_dict() for s in splits]).encode()).hexdigest(),
         "epochs": t.epochs, "max_steps": t.max_steps, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
-        "lr": config.finetune.lr, "weight_decay": t.weight_decay, "warmup_fraction": t.warmup_fraction,
+        "lr": config.finetune.learning_rate(t.lr), "weight_decay": t.weight_decay,
+        "warmup_fraction": t.warmup_fraction,
         "val_fraction": t.val_fraction, "patience": config.finetune.patience,
     }
 
@@ -521,7 +522,8 @@ def run_finetune(ctx: Any, config: RunConfig, cohort: Cohort, splits: Sequence[A
 
     clips = ClipDataset(cohort.runs, spec.img_size, subjects=cohort.subjects)
     data = LabelledClips(clips, cohort.targets)
-    settings = TrainSettings.from_config(config.train, seed=config.seed, lr=config.finetune.lr,
+    settings = TrainSettings.from_config(config.train, seed=config.seed,
+                                         lr=config.finetune.learning_rate(config.train.lr),
                                          progress=info.is_main and config.verbose > 0)
     tuner = Finetuner(data, task, cohort.targets, encoder, mode=config.finetune.mode, settings=settings,
                       out_dir=model_dir, seed=config.seed, patience=config.finetune.patience, dist_info=info,
