@@ -184,3 +184,16 @@ def test_invalid_dataset_description_exits_16(tmp_path, capsys):
     (bids / "dataset_description.json").write_text("{not json")
     assert main([str(bids), str(tmp_path / "out"), "participant"]) == 16
     assert "dataset_description.json" in capsys.readouterr().err
+
+
+def test_failed_runs_exit_1_and_are_reported(tmp_path, capsys):
+    """Runs that cannot be preprocessed (here a 4x5x6 field of view, not an MNI brain) fail alone: exit 1."""
+    from bids_regionmae.bids.testing import make_fmriprep_tree
+
+    bids = make_fmriprep_tree(tmp_path / "fmriprep", subjects=("01", "02"), spaces=("MNI152NLin6Asym:res-2",),
+                              n_vols=24, clutter=False)
+    out = tmp_path / "out"
+    assert main([str(bids), str(out), "participant", "--omp-nthreads", "1"]) == 1
+    assert (out / "dataset_description.json").is_file()
+    assert sorted(p.name for p in (out / "logs").glob("regionmae_participant_*.toml"))
+    assert not list(out.glob("sub-*/func/*_desc-modelready_bold.npy"))
