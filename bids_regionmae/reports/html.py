@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,12 +130,3 @@ def safe_figure(path: str | Path, draw: Callable[..., Any], *args: Any, **kwargs
         LOGGER.warning("could not draw figure %s: %s", path, exc)
         return None
 
-
-def rows_from_mapping(mapping: dict[str, Any], key: str = "name", value: str = "value") -> list[dict[str, Any]]:
-    """Turn ``{"a": 1}`` into ``[{"name": "a", "value": 1}]`` for :meth:`HtmlReport.table`."""
-    return [{key: k, value: v} for k, v in mapping.items()]
-
-
-def join_nonempty(items: Iterable[str], sep: str = ", ") -> str:
-    """Join the truthy items of ``items``."""
-    return sep.join(i for i in items if i)
