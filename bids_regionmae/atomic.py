@@ -1,4 +1,4 @@
-"""Atomic file writes: write to a temporary name in the same folder, then rename.
+"""File helpers: atomic writes (temporary name in the same folder, then rename) and checksums.
 
 A killed process never leaves a half-written file under the final name, and
 concurrent writers of the same file each replace it whole.
@@ -7,6 +7,7 @@ concurrent writers of the same file each replace it whole.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import uuid
@@ -82,3 +83,12 @@ def create_exclusive(path: str | Path, text: str) -> bool:
         return False
     finally:
         tmp.unlink()
+
+
+def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in blocks (constant memory)."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            hasher.update(chunk)
+    return hasher.hexdigest()

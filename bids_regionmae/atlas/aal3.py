@@ -17,7 +17,6 @@ file, the citation and the license so that outputs can name them.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import logging
@@ -31,6 +30,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from bids_regionmae.atomic import sha256_file
 from bids_regionmae.errors import InputDataError, InputMissingError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -104,15 +104,6 @@ class Atlas:
         if self.labels_path is not None:
             prov["LabelsFile"] = str(self.labels_path)
         return prov
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- label tables

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import logging
 import os
@@ -41,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bids_regionmae.atomic import atomic_path
+from bids_regionmae.atomic import atomic_path, sha256_file
 from bids_regionmae.errors import InputDataError, InputMissingError, OutputError
 from bids_regionmae.models.heads import FinetuneModel
 from bids_regionmae.models.neurostorm import NeuroSTORMEncoder, NeuroSTORMMAE, from_neurostorm_keys
@@ -67,14 +66,6 @@ def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
     if p.suffix == ".json":
         return p.with_suffix(".safetensors"), p
     return p / WEIGHTS_NAME, p / META_NAME
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -201,7 +192,7 @@ def save_model(directory_or_path: str | os.PathLike, model: nn.Module, spec: Mod
         weights_path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(weights_path) as tmp:
             save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME, "meta": json.dumps(meta)})
-            digest = _sha256(tmp)
+            digest = sha256_file(tmp)
         meta["weights"] = {"file": weights_path.name, "sha256": digest}
         with atomic_path(meta_path) as tmp:
             tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -280,7 +271,7 @@ def load_model(path: str | os.PathLike, backend: str = "auto",
     if not weights_path.is_file():
         raise InputMissingError(f"{weights_path}: weights file missing (metadata found)")
     expected = (meta.get("weights") or {}).get("sha256")
-    if expected and _sha256(weights_path) != expected:
+    if expected and sha256_file(weights_path) != expected:
         raise InputDataError(f"{weights_path}: sha256 differs from {META_NAME}; the two files come from "
                              f"different saves")
     try:

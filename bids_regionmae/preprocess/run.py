@@ -44,7 +44,7 @@ import nibabel as nib
 import numpy as np
 
 from bids_regionmae import __version__
-from bids_regionmae.atomic import atomic_path, atomic_write_json, atomic_write_text, temporary_sibling
+from bids_regionmae.atomic import atomic_path, atomic_write_json, atomic_write_text, sha256_file, temporary_sibling
 from bids_regionmae.bids.records import RunRecord
 from bids_regionmae.errors import InputDataError, UsageError
 from bids_regionmae.grid import MODEL_AFFINE, MODEL_RES, MODEL_SHAPE, MODEL_SPACE
@@ -58,7 +58,6 @@ from bids_regionmae.preprocess.source import (
     load_mask,
     open_bold,
     read_confounds,
-    sha256_file,
 )
 from bids_regionmae.preprocess.store import (
     FORMAT,

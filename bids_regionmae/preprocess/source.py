@@ -486,15 +486,6 @@ class _Inflater:
             pass
 
 
-def sha256_file(path: str | Path, block: int = _READ_BLOCK) -> str:
-    """sha256 of a file, read in blocks (constant memory)."""
-    hasher = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            hasher.update(chunk)
-    return hasher.hexdigest()
-
-
 # ------------------------------------------------------------------ confounds
 @dataclass
 class Confounds:

@@ -34,7 +34,6 @@ every rank trains, only rank 0 writes.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -44,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from bids_regionmae.atomic import sha256_file
 from bids_regionmae.config import RunConfig
 from bids_regionmae.errors import EXIT_OK, InputMissingError, UsageError
 from bids_regionmae.reports.figures import center_of, draw_slice_rows, orthogonal_views
@@ -165,14 +165,6 @@ def resolve_masked_region(config: RunConfig, label_names: Mapping[int, str]) -> 
     return name, labels
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def data_manifest(runs: Sequence[Any], output_dir: Path, train: Sequence[str], val: Sequence[str],
                   datasets: Mapping[str, Any], config: RunConfig) -> dict[str, Any]:
     """Participants, runs (with the source checksums of their sidecars) and the split, as JSON."""
@@ -193,7 +185,7 @@ def data_manifest(runs: Sequence[Any], output_dir: Path, train: Sequence[str], v
             "split": split.get(run.subject, "unused"),
             "sidecar": str(Path(run.sidecar).relative_to(output_dir)) if Path(run.sidecar).is_relative_to(
                 output_dir) else str(run.sidecar),
-            "sidecar_sha256": _sha256_file(Path(run.sidecar)),
+            "sidecar_sha256": sha256_file(Path(run.sidecar)),
             "data": str(Path(run.paths["data"]).name),
             "data_size": Path(run.paths["data"]).stat().st_size,
             "frames": run.n_frames,
