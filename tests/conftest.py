@@ -65,3 +65,14 @@ def synthetic_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     return generate_dataset(tmp_path_factory.mktemp("synthetic") / "fmriprep", n_subjects=4, n_frames=24,
                             seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's torch code on one thread (threads fight with other processes on a shared 2-core machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -71,14 +71,6 @@ def read_log(path: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def offline_atlas():
-    """Use the offline AAL3 copy: no download attempt (REGIONMAE_OFFLINE=1)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("REGIONMAE_OFFLINE", "1")
-        yield
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(bids_dir, output_dir): 4 participants x 16 frames -> 8 clips of 8 frames for the tiny model."""

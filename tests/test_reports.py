@@ -18,13 +18,7 @@ LABEL = "fakeModel"
 GROUPS = ("frontal", "limbic", "occipital", "parietal", "subcortical", "temporal", "cerebellum")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Torch threads fight with other processes on a shared 2-core machine: one thread is much faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_store(root: Path) -> Path:

@@ -23,14 +23,6 @@ from bids_regionmae.train.testing import write_synthetic_store
 from bids_regionmae.workflows.pretrain import run
 
 
-@pytest.fixture(scope="module", autouse=True)
-def offline_atlas():
-    """Use the offline AAL3 copy: no download attempt (REGIONMAE_OFFLINE=1)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("REGIONMAE_OFFLINE", "1")
-        yield
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(bids_dir, store_dir): 4 participants x 16 frames (8 clips of 8 frames)."""
