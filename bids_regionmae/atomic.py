@@ -1,7 +1,10 @@
 """File helpers: atomic writes (temporary name in the same folder, then rename) and checksums.
 
 A killed process never leaves a half-written file under the final name, and
-concurrent writers of the same file each replace it whole.
+concurrent writers of the same file each replace it whole. Files get the
+permissions of a plain ``open()`` under the process umask (``0644`` with the
+usual ``022``), even when the writing library creates its temporary file
+``0600`` (safetensors does).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,9 +32,33 @@ def temporary_sibling(path: str | Path) -> Path:
     return path.with_name(f".{stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the system allows (Linux ``/proc``)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but only where /proc is missing)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(path: Path) -> None:
+    """Give a regular file the mode ``open()`` would have created it with (``0o666 & ~umask``)."""
+    info = os.lstat(path)
+    wanted = 0o666 & ~_umask()
+    if stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) != wanted:
+        with contextlib.suppress(PermissionError):  # a file system without modes keeps its own
+            os.chmod(path, wanted)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path; on success rename it to ``path``, on error remove it.
+
+    A regular file written there gets the mode of a plain ``open()`` (``0o666``
+    minus the umask) before the rename, whatever mode the writer created it with.
 
     Examples
     --------
@@ -42,6 +70,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = temporary_sibling(path)
     try:
         yield tmp
+        _apply_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
