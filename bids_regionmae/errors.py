@@ -15,6 +15,9 @@ EXIT_NO_MATCH = 18
 EXIT_USAGE = 64
 EXIT_INPUT_MISSING = 66
 EXIT_CANT_CREATE = 73
+#: 128 + signal number, as a shell reports a process ended by that signal
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
 
 
 class RegionMAEError(Exception):
@@ -84,3 +87,27 @@ class BackendError(RegionMAEError):
     """A requested compute backend (e.g. mamba-ssm, CUDA) is unavailable (exit 1)."""
 
     exit_code = EXIT_ERROR
+
+
+class CheckpointError(RegionMAEError):
+    """A training checkpoint cannot be resumed from: unreadable, tampered, old or foreign format (exit 1)."""
+
+    exit_code = EXIT_ERROR
+
+
+class TrainingInterrupted(RegionMAEError):
+    """Training stopped on SIGTERM or SIGINT after writing a checkpoint (exit 128 + signal: 143, 130).
+
+    Attributes
+    ----------
+    signum : int
+        The signal received.
+    checkpoint : str or None
+        The checkpoint a rerun resumes from (None on ranks other than 0).
+    """
+
+    def __init__(self, message: str, signum: int, checkpoint: str | None = None):
+        super().__init__(message)
+        self.signum = int(signum)
+        self.checkpoint = checkpoint
+        self.exit_code = 128 + self.signum

@@ -39,7 +39,8 @@ MODEL_NAME = "pretrain_region-cerebellum_tiny_seed-0"
 
 #: Files every pretraining model directory holds (tensorboard/ holds one event file per invocation).
 GOLDEN_FILES = sorted([
-    "checkpoints/last.pt",
+    "checkpoints/last.json",
+    "checkpoints/tensors-00000024.safetensors",  # the tensors of last.json; earlier checkpoints' are deleted
     "data_manifest.json",
     "figures/loss_curves.svg",
     "figures/masked_region.png",

@@ -1,12 +1,14 @@
-"""Pretraining across processes: DDP on CPU (gloo via torchrun) and resume after ``kill -9``.
+"""Pretraining across processes: DDP on CPU (gloo via torchrun), resume after ``kill -9`` and after SIGTERM.
 
-Both tests start the real command line (``python -m bids_regionmae.cli``) in
-subprocesses on a synthetic model-ready store and compare against an
-in-process run of the same configuration.
+The DDP and kill tests start the real command line (``python -m bids_regionmae.cli``)
+in subprocesses, the SIGTERM test calls it in this process; all run on a
+synthetic model-ready store and compare against an in-process run of the same
+configuration.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -19,6 +21,7 @@ import torch
 from test_pretrain import MODEL_NAME, make_config, read_log
 
 from bids_regionmae.config import RunConfig, config_to_toml
+from bids_regionmae.train.engine import load_checkpoint
 from bids_regionmae.train.testing import write_synthetic_store
 from bids_regionmae.workflows.pretrain import run
 
@@ -53,7 +56,7 @@ def cli_command(config: RunConfig, config_file: Path, *, nproc: int = 1) -> list
 
 def final_state(output_dir: Path) -> tuple[list[float], dict[str, torch.Tensor], int]:
     model_dir = output_dir / "models" / MODEL_NAME
-    state = torch.load(model_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    state = load_checkpoint(model_dir / "checkpoints" / "last.json")
     return [r["loss"] for r in read_log(model_dir / "train_log.csv")], state["model"], state["step"]
 
 
@@ -118,7 +121,7 @@ def test_two_gloo_processes_match_one_process_with_double_batch(store, reference
 def test_kill_9_then_rerun_resumes_identically(store, reference, tmp_path):
     bids_dir, store_dir = store
     killed = make_config(bids_dir, output_dir_with_store(store_dir, tmp_path / "killed"), batch_size=2, **COMMON)
-    checkpoint = Path(killed.output_dir) / "models" / MODEL_NAME / "checkpoints" / "last.pt"
+    checkpoint = Path(killed.output_dir) / "models" / MODEL_NAME / "checkpoints" / "last.json"
     log = tmp_path / "killed.log"
     with open(log, "wb") as stream:
         proc = subprocess.Popen(cli_command(killed, tmp_path / "killed.toml"), env=subprocess_env(),
@@ -133,12 +136,54 @@ def test_kill_9_then_rerun_resumes_identically(store, reference, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL, log.read_text(errors="replace")[-4000:]
-    assert torch.load(checkpoint, map_location="cpu", weights_only=False)["step"] == 2
+    assert load_checkpoint(checkpoint)["step"] == 2
 
-    assert run(killed) == 0  # the rerun resumes from checkpoints/last.pt
+    assert run(killed) == 0  # the rerun resumes from checkpoints/last.json
     losses_ref, weights_ref, _ = final_state(Path(reference.output_dir))
     losses, weights, step = final_state(Path(killed.output_dir))
     assert step == 4 and len(losses) == 4 and losses == losses_ref
     for key, value in weights_ref.items():
         assert torch.equal(weights[key], value), key
     compare_logs(Path(killed.output_dir) / "models" / MODEL_NAME, Path(reference.output_dir) / "models" / MODEL_NAME)
+
+
+def test_sigterm_through_the_cli_checkpoints_and_exits_143(store, tmp_path, capsys, monkeypatch):
+    """In this process: ``regionmae ... group --stage pretrain`` gets SIGTERM during step 2 of 3 of the first
+    epoch (as from SLURM's time limit): it checkpoints that step and exits 143. (That a rerun then ends with the
+    weights of an uninterrupted run: tests/test_engine_safety.py, on a real process.)"""
+    from bids_regionmae.cli import main
+    from bids_regionmae.train.engine import Trainer
+
+    bids_dir, store_dir = store
+    config = make_config(bids_dir, output_dir_with_store(store_dir, tmp_path / "term"), batch_size=2,
+                         **{**COMMON, "checkpoint_every": 3})
+    config_file = tmp_path / "term.toml"
+    config_file.write_text(config_to_toml(config), encoding="utf-8")
+    seed_step = Trainer._seed_step
+
+    def signal_during_step_2(self):
+        if self.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        seed_step(self)
+
+    def unhandled(signum, frame):
+        raise AssertionError("SIGTERM reached the test's own handler: the trainer did not install one")
+
+    monkeypatch.setattr(Trainer, "_seed_step", signal_during_step_2)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    handlers = logging.root.handlers[:]
+    try:
+        code = main([config.bids_dir, config.output_dir, "group", "--stage", "pretrain", "--config-file",
+                     str(config_file)])
+    finally:
+        logging.root.handlers[:] = handlers
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # the trainer restored what it found
+        signal.signal(signal.SIGTERM, previous)
+    monkeypatch.undo()
+    assert code == 143
+    model_dir = Path(config.output_dir) / "models" / MODEL_NAME
+    assert "training stopped by SIGTERM after step 2/4" in capsys.readouterr().err
+    state = load_checkpoint(model_dir / "checkpoints" / "last.json")
+    assert (state["step"], state["step_in_epoch"]) == (2, 2)
+    assert not (model_dir / "model.safetensors").exists()  # the workflow stopped with the trainer
+    assert [r["step"] for r in read_log(model_dir / "train_log.csv")] == [1, 2]

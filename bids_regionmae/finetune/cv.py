@@ -25,7 +25,7 @@ Files, per split (``out_dir/folds/<split>/``, rank 0 only)::
 
     train_log.csv, val_log.csv     engine logs (per step / per epoch)
     fold_result.json               the scored fold (written last: completion marker)
-    checkpoints/last.pt            engine state while the split trains (removed when it is done)
+    checkpoints/                   engine state while the split trains (removed when it is done)
 
 A rerun skips splits whose ``fold_result.json`` exists and resumes an
 interrupted split from its checkpoint.

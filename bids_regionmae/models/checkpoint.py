@@ -3,7 +3,7 @@
 Format (``format_version`` 1): a directory (or a path ending in
 ``.safetensors``) holding
 
-- ``model.safetensors``: the state dict (no pickle; safe to load from
+- ``model.safetensors``: the state dict (no executable content; safe to load from
   untrusted sources), with the JSON metadata also embedded in its header so
   that a lone weights file describes itself;
 - ``model.json``: ``kind`` (``mae``/``encoder``/``finetune``), the
@@ -19,7 +19,7 @@ NeuroSTORM's released checkpoints are PyTorch Lightning files: their
 ``state_dict`` keys carry the Lightning module's attribute prefix (e.g.
 ``model.``) and ``hyper_parameters`` sit next to it.
 :func:`import_neurostorm_checkpoint` reads them with
-``torch.load(weights_only=True)`` (no arbitrary unpickling), strips the
+``torch.load(weights_only=True)`` (tensors and plain containers only), strips the
 prefix, renames keys to this package's names and reports what did not match.
 """
 
@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import pathlib
-import pickle
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -347,14 +346,16 @@ def _torch_load_weights_only(path: Path) -> Any:
     try:
         with torch.serialization.safe_globals(_SAFE_EXTRA_GLOBALS):
             return torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError) as exc:
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch refuses other objects with errors of several types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputDataError(
             f"{path}: cannot be read with torch.load(weights_only=True): {first}. The file holds Python "
-            "objects other than tensors and plain containers, and this package never unpickles arbitrary "
-            "objects. If you trust its source, extract the weights once in a separate Python session: "
-            "ckpt = torch.load(path, weights_only=False); torch.save({'state_dict': ckpt['state_dict']}, "
-            "'weights_only.ckpt') and import that file."
+            "objects other than tensors and plain containers, and this package never loads those (loading them "
+            "can run arbitrary code). If you trust its source, load it in full once in a separate Python session, "
+            "save only its weights with torch.save({'state_dict': ckpt['state_dict']}, 'weights_only.ckpt') "
+            "and import that file."
         ) from exc
 
 

@@ -88,8 +88,8 @@ class ModelReadyRun:
 
     Notes
     -----
-    ``data`` is opened lazily as a read-only memory map and is not pickled,
-    so instances are cheap to send to DataLoader workers.
+    ``data`` is opened lazily as a read-only memory map and is left behind when
+    an instance is sent to a DataLoader worker, so that is cheap.
     """
 
     sidecar: Path

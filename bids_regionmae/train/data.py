@@ -253,7 +253,7 @@ class ClipDataset(Dataset):
         Clip number within the run.
 
     Memory maps are opened on first access in the process that reads them
-    (DataLoader workers included); pickling drops them.
+    (DataLoader workers included); copies sent to workers leave them behind.
     """
 
     def __init__(self, runs: Sequence[Any], img_size: Sequence[int], *, subjects: Sequence[str] | None = None,

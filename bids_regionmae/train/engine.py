@@ -30,11 +30,27 @@ What it does:
   this rank's rows with :attr:`StepContext.local_rows`: the masks and data of
   ``N`` processes with batch ``B`` are then exactly those of one process with
   batch ``N*B``);
-- checkpoints written atomically to ``out_dir/checkpoints/last.pt`` every
-  ``checkpoint_every`` steps and at the end (model, optimizer, scheduler, step,
-  epoch, position in the epoch, RNG states, the loss history). With
-  ``resume=True`` a rerun (after a crash or ``kill -9``) continues from it and
-  produces the same losses and weights as an uninterrupted run;
+- checkpoints in ``out_dir/checkpoints/`` every ``checkpoint_every`` steps and
+  at the end (model, optimizer, scheduler, step, epoch, position in the epoch,
+  RNG states, the loss history): tensors in a safetensors file, the rest in
+  ``last.json``, committed atomically (:mod:`bids_regionmae.train.resume_state`;
+  nothing is executed when a checkpoint is read). With ``resume=True`` a rerun
+  (after a crash, ``kill -9`` or a signal) continues from it and produces the
+  same losses and weights as an uninterrupted run. A ``last.pt`` of the old
+  ``torch.save`` format is never read: resuming next to one is an error
+  (:class:`~bids_regionmae.errors.CheckpointError`, exit 1) that names it;
+  ``resume=False`` (``--no-resume``) ignores it and deletes it with the run's
+  first checkpoint;
+- SIGTERM (a SLURM time limit, ``scancel``, torchrun shutting down) and SIGINT
+  (Ctrl-C) during :meth:`Trainer.fit` finish the current optimizer step, write
+  a checkpoint and raise :class:`~bids_regionmae.errors.TrainingInterrupted`
+  (the command line exits 143 / 130); rerunning the command resumes. Under DDP
+  the ranks agree on the stop step (a MAX all-reduce of the signal every
+  step). A repeated SIGTERM is ignored; a second Ctrl-C more than a second
+  after the first stops at once (``KeyboardInterrupt``, no checkpoint).
+  DataLoader workers ignore both signals (they end with the main process).
+  SLURM sends SIGKILL ``KillWait`` seconds (often 30) after SIGTERM: when a
+  step can take longer, ask for an earlier warning (``#SBATCH --signal=TERM@300``);
 - logs: ``out_dir/train_log.csv`` (one row per optimizer step),
   ``out_dir/val_log.csv`` (one row per epoch), TensorBoard events in
   ``out_dir/tensorboard`` when ``tensorboard`` is importable, and a tqdm bar
@@ -62,7 +78,9 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -75,8 +93,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from bids_regionmae.atomic import atomic_path, atomic_write_text
-from bids_regionmae.errors import UsageError
+from bids_regionmae.atomic import atomic_write_text
+from bids_regionmae.errors import CheckpointError, TrainingInterrupted, UsageError
+from bids_regionmae.train import resume_state
 
 LOGGER = logging.getLogger(__name__)
 
@@ -100,8 +119,8 @@ __all__ = [
     "warmup_cosine",
 ]
 
-CHECKPOINT_FORMAT = "regionmae-train-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_FORMAT = resume_state.FORMAT
+CHECKPOINT_VERSION = resume_state.VERSION
 #: stream keys mixed into :func:`derive_seed` so that different uses never share a stream
 STREAM_MASK = 1
 STREAM_GLOBAL = 2
@@ -341,7 +360,7 @@ class TrainSettings:
     precision : {'auto', 'fp32', 'bf16'}
         ``auto``: bf16 autocast on CUDA (when supported), fp32 on CPU.
     resume : bool
-        Continue from ``out_dir/checkpoints/last.pt`` when it exists.
+        Continue from ``out_dir/checkpoints/last.json`` when it exists.
     seed : int
     clip_grad_norm : float or None
         Max global gradient norm (None: no clipping).
@@ -612,30 +631,88 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read an engine checkpoint.
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read an engine checkpoint (JSON and safetensors only: no code in it runs).
+
+    Parameters
+    ----------
+    path : path
+        ``out_dir/checkpoints/last.json`` (:attr:`Trainer.checkpoint_path`) or its folder.
 
     Returns
     -------
     dict
-        ``model``, ``optimizer``, ``scheduler`` (state dicts), ``step``,
-        ``epoch``, ``step_in_epoch``, ``rng``, ``history``, ``val_history``,
-        ``fingerprint``, ``world_size``, ``extra``.
+        ``model``, ``optimizer``, ``scheduler`` (state dicts, tensors on the
+        CPU), ``step``, ``epoch``, ``step_in_epoch``, ``rng``, ``history``,
+        ``val_history``, ``fingerprint``, ``world_size``, ``extra``.
 
     Raises
     ------
-    UsageError
-        Not a checkpoint of this engine.
+    CheckpointError
+        Unreadable, tampered, of another format, or the folder holds a
+        ``last.pt`` of the old format (never read: it could run code).
     """
     path = Path(path)
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
-        raise UsageError(f"{path}: cannot read the training checkpoint ({exc}). Delete it to start over, "
-                         "or run with --no-resume.") from exc
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"{path}: not a regionmae training checkpoint. Delete it or run with --no-resume.")
-    return state
+    if path.is_dir():
+        path = path / resume_state.RECORD_NAME
+    _refuse_legacy(path.parent)
+    return resume_state.read_checkpoint(path)
+
+
+def _refuse_legacy(folder: Path) -> None:
+    legacy = folder / resume_state.LEGACY_NAME
+    if legacy.exists() or legacy.is_symlink():
+        raise CheckpointError(
+            f"{legacy}: a training checkpoint in the old torch.save format (written by an older version of "
+            "regionmae) or a file that is not ours. It is not loaded: loading such a file can run arbitrary code. "
+            "Rerun with --no-resume to start this training over (the file is deleted with the first new "
+            "checkpoint), or delete it yourself.")
+
+
+class StopSignals:
+    """SIGTERM and SIGINT turned into a request to stop at the next step boundary (a context manager).
+
+    While active, the first SIGTERM or SIGINT is recorded in :attr:`received`
+    (the trainer checkpoints and stops after the current step). Repeats are
+    ignored (SLURM and torchrun may both deliver SIGTERM), except a SIGINT at
+    least ``escalate_after`` seconds after the first signal, which raises
+    ``KeyboardInterrupt`` at once (a second Ctrl-C). The previous handlers
+    are restored on exit. Outside the main thread (where Python cannot set
+    handlers) it does nothing and signals keep their usual effect.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, escalate_after: float = 1.0):
+        self.escalate_after = escalate_after
+        self.received: int | None = None
+        self._first_at = 0.0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received, self._first_at = signum, time.monotonic()
+            LOGGER.warning("%s received: stopping after the current step, once a checkpoint is written", name)
+        elif signum == signal.SIGINT and time.monotonic() - self._first_at >= self.escalate_after:
+            raise KeyboardInterrupt(f"second {name}: stopping without a checkpoint")
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers leave SIGTERM/SIGINT to the main process (which ends them)."""
+    for sig in StopSignals.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _fingerprint_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -672,7 +749,7 @@ class Trainer:
         tensor). ``batch`` is already on the device. Runs under autocast.
     settings : TrainSettings
     out_dir : path
-        Where rank 0 writes ``checkpoints/last.pt``, ``train_log.csv``,
+        Where rank 0 writes ``checkpoints/``, ``train_log.csv``,
         ``val_log.csv`` and ``tensorboard/``.
     eval_fn : callable, optional
         ``eval_fn(model, loader, ctx: EvalContext) -> {name: (sum, count)}``,
@@ -721,7 +798,7 @@ class Trainer:
         self.fingerprint = dict(fingerprint or {})
         self.extra_state = dict(extra_state or {})
         self.precision = resolve_precision(settings.precision, self.device)
-        self.checkpoint_path = self.out_dir / "checkpoints" / "last.pt"
+        self.checkpoint_path = self.out_dir / "checkpoints" / resume_state.RECORD_NAME
 
         n_train = len(train_dataset)  # type: ignore[arg-type]
         self.sampler = ResumableSampler(n_train, self.info.world_size, self.info.rank, shuffle=True,
@@ -773,7 +850,7 @@ class Trainer:
     def _loader(self, dataset: Dataset, sampler: Sampler, drop_last: bool) -> DataLoader:
         workers = self.settings.num_workers
         return DataLoader(dataset, batch_size=self.settings.batch_size, sampler=sampler, drop_last=drop_last,
-                          num_workers=workers, collate_fn=self.collate_fn,
+                          num_workers=workers, collate_fn=self.collate_fn, worker_init_fn=_ignore_stop_signals,
                           pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
                           prefetch_factor=2 if workers > 0 else None)
 
@@ -794,10 +871,8 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue identically."""
+        """Everything needed to continue identically (tensors, numbers, strings: see :mod:`.resume_state`)."""
         return {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
             "step": self.step,
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
@@ -818,12 +893,24 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path | None:
-        """Write ``checkpoints/last.pt`` atomically (rank 0) and the CSV logs."""
+        """Write the checkpoint (rank 0) and the CSV logs; return ``checkpoints/last.json``.
+
+        The tensor file is written first and ``last.json`` replaced atomically
+        after it, so a kill at any moment leaves the previous checkpoint or this
+        one (:func:`bids_regionmae.train.resume_state.write_checkpoint`). A
+        ``last.pt`` of the old format is deleted once this one is committed.
+        """
         if not self.info.is_main:
             return None
         self.write_logs()  # first: once the checkpoint exists, the logs reach its step
-        with atomic_path(self.checkpoint_path) as tmp:
-            torch.save(self.state_dict(), tmp)
+        resume_state.write_checkpoint(self.checkpoint_path.parent, self.state_dict(), self.step)
+        legacy = self.checkpoint_path.parent / resume_state.LEGACY_NAME
+        if legacy.exists() or legacy.is_symlink():
+            try:
+                legacy.unlink()
+                LOGGER.info("deleted %s (old checkpoint format, replaced by %s)", legacy, self.checkpoint_path)
+            except OSError as exc:  # a resumed run will refuse it again, with the same advice
+                LOGGER.warning("cannot delete %s (%s): delete it before resuming this run", legacy, exc)
         LOGGER.debug("checkpoint at step %d -> %s", self.step, self.checkpoint_path)
         return self.checkpoint_path
 
@@ -837,12 +924,18 @@ class Trainer:
             _write_csv(self.out_dir / "val_log.csv", self.val_history)
 
     def _maybe_resume(self) -> None:
+        folder = self.checkpoint_path.parent
+        if self.settings.resume:
+            _refuse_legacy(folder)
+        elif self.info.is_main and (folder / resume_state.LEGACY_NAME).exists():
+            LOGGER.warning("train.resume is off: ignoring %s (old checkpoint format, never read); it is deleted "
+                           "with this run's first checkpoint", folder / resume_state.LEGACY_NAME)
         if not self.checkpoint_path.is_file():
             return
         if not self.settings.resume:
             LOGGER.info("train.resume is off: ignoring %s and starting over", self.checkpoint_path)
             return
-        state = load_checkpoint(self.checkpoint_path, map_location="cpu")
+        state = load_checkpoint(self.checkpoint_path)
         diff = _fingerprint_diff(state.get("fingerprint", {}), self.fingerprint)
         if state.get("world_size") != self.info.world_size:
             diff.append(f"world_size: checkpoint {state.get('world_size')} vs now {self.info.world_size}")
@@ -868,12 +961,17 @@ class Trainer:
                     self.total_steps, self.epoch)
 
     def _remove_stale_temporaries(self) -> None:
-        """Delete half-written checkpoints/logs left by a killed run (``.<name>.tmp-<pid>-...``)."""
+        """Delete what a killed run left half-done: temporary files (``.<name>.tmp-<pid>-...``) and
+        tensor files whose checkpoint was never committed."""
         for folder in (self.checkpoint_path.parent, self.out_dir):
             if folder.is_dir():
                 for stale in folder.glob(".*.tmp-*"):
                     with contextlib.suppress(OSError):
                         stale.unlink()
+        if self.checkpoint_path.parent.is_dir():
+            for stale in resume_state.unreferenced_tensor_files(self.checkpoint_path.parent):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
 
     def _elapsed(self) -> float:
         return self._elapsed_before + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0)
@@ -895,7 +993,7 @@ class Trainer:
                                    shuffle=False, drop_tail=False)
         loader = DataLoader(self.val_dataset, batch_size=self.settings.batch_size, sampler=sampler,
                             num_workers=min(self.settings.num_workers, 1), collate_fn=self.collate_fn,
-                            pin_memory=self.device.type == "cuda")
+                            worker_init_fn=_ignore_stop_signals, pin_memory=self.device.type == "cuda")
         module = unwrap(self.model)
         was_training = module.training
         module.eval()
@@ -920,7 +1018,19 @@ class Trainer:
         Returns
         -------
         TrainResult
+
+        Raises
+        ------
+        TrainingInterrupted
+            SIGTERM or SIGINT arrived: the step in progress was finished and
+            checkpointed (see :class:`StopSignals`); rerun to resume.
+        CheckpointError
+            The checkpoint to resume from is unreadable, or is an old ``last.pt``.
         """
+        with StopSignals() as signals:
+            return self._fit(signals)
+
+    def _fit(self, signals: StopSignals) -> TrainResult:
         s = self.settings
         info = self.info
         if info.is_main:
@@ -938,6 +1048,7 @@ class Trainer:
         loader = self._loader(self.train_dataset, self.sampler, drop_last=True)
         iterator: Iterator | None = None
         last_ckpt: Path | None = self.checkpoint_path if self.step and info.is_main else None
+        saved_step = self.step
         ema_rate: float | None = None
         try:
             while self.step < self.total_steps and not self.stopped_early:
@@ -994,6 +1105,9 @@ class Trainer:
                 if (self.step % s.checkpoint_every == 0 or self.step == self.total_steps
                         or self.stopped_early):
                     last_ckpt = self.save_checkpoint() or last_ckpt
+                    saved_step = self.step
+                self._stop_if_signalled(signals, saved_step)
+            self._stop_if_signalled(signals, saved_step)
             if self.start_step and self.start_step == self.step and info.is_main:
                 LOGGER.info("training already complete at step %d (%s)", self.step, self.checkpoint_path)
                 self.write_logs()
@@ -1008,6 +1122,31 @@ class Trainer:
                            steps_per_epoch=self.steps_per_epoch, start_step=self.start_step,
                            stopped_early=self.stopped_early, precision=self.precision,
                            world_size=info.world_size, checkpoint=last_ckpt)
+
+    def _stop_if_signalled(self, signals: StopSignals, saved_step: int) -> None:
+        """At a step boundary: when any rank got SIGTERM/SIGINT, checkpoint (unless this step has one) and raise.
+
+        Every rank calls this after every step; under DDP a MAX all-reduce of
+        the received signal makes them all stop at the same step.
+        """
+        signum = signals.received or 0
+        if self.info.distributed:
+            flag = torch.tensor([signum], dtype=torch.int64, device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        if not signum:
+            return
+        if self.step and saved_step != self.step:
+            self.save_checkpoint()
+        _barrier(self.info)  # no rank leaves before rank 0 has written
+        name = signal.Signals(signum).name
+        where = self.checkpoint_path if self.step else None
+        message = (f"training stopped by {name} after step {self.step}/{self.total_steps}"
+                   + (f"; checkpoint {where}. Rerun the same command to continue from it." if where else
+                      " (no step done, nothing to save). Rerun the same command to start it."))
+        if self.info.is_main:
+            LOGGER.warning(message)
+        raise TrainingInterrupted(message, signum, str(where) if where and self.info.is_main else None)
 
     def _seed_step(self) -> None:
         torch.manual_seed(derive_seed(self.settings.seed, STREAM_GLOBAL, self.step, self.info.rank))

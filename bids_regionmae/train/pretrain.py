@@ -47,10 +47,12 @@ SLURM, 2 nodes x 4 GPUs (``sbatch pretrain.sbatch``)::
 
 Every process must see the same ``output_dir`` (a shared file system); only
 rank 0 writes. A job killed by the scheduler continues from
-``models/<name>/checkpoints/last.pt`` when resubmitted (``--resume`` is the
-default), with the same losses as an uninterrupted run; use
-``#SBATCH --requeue`` / ``--signal`` as usual. CPU-only clusters work too
-(gloo backend): add ``--device cpu``.
+``models/<name>/checkpoints/`` when resubmitted (``--resume`` is the
+default), with the same losses as an uninterrupted run. At the time limit
+SLURM sends SIGTERM: the step in progress is finished, checkpointed, and the
+command exits 143 (``#SBATCH --signal=TERM@300`` gives a step 5 minutes
+instead of ``KillWait``); use ``#SBATCH --requeue`` as usual. CPU-only
+clusters work too (gloo backend): add ``--device cpu``.
 """
 
 from __future__ import annotations
