@@ -158,6 +158,25 @@ def test_tampered_checkpoints_are_refused_with_the_file_named(tmp_path):
     assert resume_state.unreferenced_tensor_files(folder) == []  # unreadable record: nothing is deleted
 
 
+def test_fine_tuning_early_stopping_state_survives_a_checkpoint(tmp_path):
+    """The best weights fine-tuning keeps in ``extra_state`` travel as tensors, its NaN ``best`` as JSON."""
+    from bids_regionmae.finetune.train import EarlyStopping
+
+    trainer = toy_trainer(tmp_path, max_steps=2)
+    stopper = EarlyStopping(patience=3)
+    stopper(trainer, {"val_loss": 0.5})
+    stopper(trainer, {"val_loss": 0.7})
+    trainer.save_checkpoint()
+    clone = EarlyStopping(patience=3)
+    clone.load(load_checkpoint(trainer.checkpoint_path)["extra"]["early_stopping"])
+    assert (clone.best, clone.bad_evals) == (0.5, 1)
+    assert clone.best_state.keys() == stopper.best_state.keys()
+    assert all(torch.equal(clone.best_state[k], v) for k, v in stopper.best_state.items())
+    trainer.extra_state["early_stopping"] = EarlyStopping().state_dict()  # nothing evaluated yet: best is NaN
+    trainer.save_checkpoint()
+    assert np.isnan(load_checkpoint(trainer.checkpoint_path)["extra"]["early_stopping"]["best"])
+
+
 def test_the_grep_proof_no_module_can_load_pickle_based_files():
     """No pickle, joblib, ``weights_only=False`` or ``allow_pickle`` anywhere in the package, even in text;
     every ``torch.load`` says ``weights_only=True``."""
