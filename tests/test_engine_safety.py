@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 import bids_regionmae
 from bids_regionmae.atomic import atomic_path
-from bids_regionmae.errors import EXIT_ERROR, CheckpointError, TrainingInterrupted
+from bids_regionmae.errors import EXIT_ERROR, EXIT_SIGINT, EXIT_SIGTERM, CheckpointError, TrainingInterrupted
 from bids_regionmae.train import resume_state
 from bids_regionmae.train.engine import StopSignals, Trainer, TrainSettings, load_checkpoint
 
@@ -396,7 +396,7 @@ def test_sigterm_mid_epoch_checkpoints_exits_143_and_the_rerun_ends_as_an_uninte
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 143, log[-3000:]
+    assert proc.returncode == EXIT_SIGTERM, log[-3000:]
     assert "training stopped by SIGTERM after step 2/6" in log
     assert log.count("SIGTERM received") == 1, log[-3000:]  # the DataLoader worker ignores it
     state = load_checkpoint(out / "checkpoints" / "last.json")
@@ -425,7 +425,7 @@ def test_sigint_stops_after_the_step_with_exit_code_130(tmp_path):
     trainer.step_fn = interrupted_in_step_3
     with pytest.raises(TrainingInterrupted) as info:
         trainer.fit()
-    assert info.value.exit_code == 130 and info.value.signum == signal.SIGINT
+    assert info.value.exit_code == EXIT_SIGINT and info.value.signum == signal.SIGINT
     assert "stopped by SIGINT after step 3/6" in str(info.value) and str(trainer.checkpoint_path) in str(info.value)
     assert load_checkpoint(trainer.checkpoint_path)["step"] == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored

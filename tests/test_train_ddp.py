@@ -21,6 +21,7 @@ import torch
 from test_pretrain import MODEL_NAME, make_config, read_log
 
 from bids_regionmae.config import RunConfig, config_to_toml
+from bids_regionmae.errors import EXIT_SIGTERM
 from bids_regionmae.train.engine import load_checkpoint
 from bids_regionmae.train.testing import write_synthetic_store
 from bids_regionmae.workflows.pretrain import run
@@ -180,7 +181,7 @@ def test_sigterm_through_the_cli_checkpoints_and_exits_143(store, tmp_path, caps
         assert signal.getsignal(signal.SIGTERM) is unhandled  # the trainer restored what it found
         signal.signal(signal.SIGTERM, previous)
     monkeypatch.undo()
-    assert code == 143
+    assert code == EXIT_SIGTERM
     model_dir = Path(config.output_dir) / "models" / MODEL_NAME
     assert "training stopped by SIGTERM after step 2/4" in capsys.readouterr().err
     state = load_checkpoint(model_dir / "checkpoints" / "last.json")
