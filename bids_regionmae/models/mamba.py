@@ -15,7 +15,8 @@ state dict moves unchanged between
   ``mamba_ssm``'s ``selective_scan_ref``).
 
 ``"auto"`` picks the kernels for CUDA tensors when ``mamba_ssm`` imports and
-falls back to ``"torch"`` (with a logged warning) otherwise. Use
+its kernels run on that GPU (:func:`kernel_error`), and falls back to
+``"torch"`` (with a logged warning) otherwise. Use
 :func:`resolve_backend` to learn which one a run actually uses.
 
 The recurrence, per channel ``e`` and state ``n`` (``A = -exp(A_log)``)::
@@ -78,6 +79,88 @@ def mamba_ssm_available() -> bool:
     return _mamba_ssm_kernels()[0] is not None
 
 
+#: device -> None (the kernels ran there) or why they did not; filled once per device by :func:`kernel_error`
+_KERNEL_ERRORS: dict[str, str | None] = {}
+
+
+def _probe_inputs(device: torch.device) -> dict[str, torch.Tensor]:
+    """Tiny valid inputs (8 channels, 4 states, 16 steps) for one selective scan and one causal convolution."""
+    g = torch.Generator().manual_seed(0)
+    E, N, L = 8, 4, 16
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.rand(shape, generator=g).to(device)
+
+    return {"u": rand(1, E, L), "delta": rand(1, E, L), "A": -rand(E, N), "B": rand(1, N, L), "C": rand(1, N, L),
+            "D": rand(E), "z": rand(1, E, L), "delta_bias": rand(E), "weight": rand(E, 4), "bias": rand(E)}
+
+
+def kernel_error(device: torch.device | str) -> str | None:
+    """Why the mamba-ssm kernels cannot run on ``device``, or None when they can.
+
+    ``import mamba_ssm`` succeeds whatever GPU the extension was compiled
+    for; a GPU architecture missing from the build only fails at the first
+    kernel launch ("no kernel image is available for execution on the
+    device"). This runs both kernels once on tiny inputs on ``device`` and
+    remembers the outcome per device.
+
+    Parameters
+    ----------
+    device : torch.device or str
+        A CUDA device.
+
+    Returns
+    -------
+    str or None
+        The error (type and message), or None when both kernels ran.
+    """
+    device = torch.device(device)
+    key = str(device)
+    if key not in _KERNEL_ERRORS:
+        scan, conv, error = _mamba_ssm_kernels()
+        if scan is not None:
+            try:
+                with torch.no_grad(), torch.autocast(device.type, enabled=False):
+                    t = _probe_inputs(device)
+                    scan(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], z=t["z"], delta_bias=t["delta_bias"],
+                         delta_softplus=True)
+                    if conv is not None:
+                        conv(t["u"], t["weight"], t["bias"], activation="silu")
+                    if device.type == "cuda" and torch.cuda.is_available():
+                        torch.cuda.synchronize(device)
+            except Exception as exc:  # no kernel image for this GPU, driver/toolkit mismatch...
+                lines = str(exc).strip().splitlines()
+                error = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+        _KERNEL_ERRORS[key] = error
+    return _KERNEL_ERRORS[key]
+
+
+def _rebuild_hint(device: torch.device) -> str:
+    """Names the GPU and says how to get kernels for it (for messages)."""
+    try:
+        major, minor = torch.cuda.get_device_capability(device)
+        gpu, arch = f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})", f"{major}.{minor}"
+    except Exception:  # noqa: BLE001 - only for the message
+        gpu, arch = str(device), "its compute capability"
+    return (f"{gpu}. Rebuild mamba-ssm and causal-conv1d with code for {arch} (README, 'Containers': "
+            f"TORCH_CUDA_ARCH_LIST and scripts/nvcc-arch-filter.sh)")
+
+
+def _kernels_usable(device: torch.device) -> bool:
+    """``auto`` on a CUDA device: do the kernels import and run there? Warns once per device when not."""
+    if not mamba_ssm_available():
+        return False
+    first = str(device) not in _KERNEL_ERRORS
+    error = kernel_error(device)
+    if error is not None and first:
+        logger.warning(
+            "backend 'auto': the mamba-ssm kernels are installed but fail on this GPU (%s); using the "
+            "pure-PyTorch selective scan instead (same results, much slower). GPU: %s, or pass "
+            "--backend torch to silence this warning.", error, _rebuild_hint(device),
+        )
+    return error is None
+
+
 def _check_requested(requested: str) -> str:
     if requested not in BACKENDS:
         raise UsageError(f"backend: expected one of {', '.join(BACKENDS)}; got {requested!r}")
@@ -104,8 +187,8 @@ def resolve_backend(requested: str, device: torch.device | str) -> str:
     UsageError
         ``requested`` is not a known backend.
     BackendError
-        ``"mamba-ssm"`` was requested but cannot be imported, or ``device`` is
-        not a CUDA device.
+        ``"mamba-ssm"`` was requested but cannot be imported, ``device`` is
+        not a CUDA device, or the kernels fail there (:func:`kernel_error`).
     """
     _check_requested(requested)
     device = torch.device(device)
@@ -123,10 +206,16 @@ def resolve_backend(requested: str, device: torch.device | str) -> str:
                 f"backend 'mamba-ssm' needs a CUDA device; got {device}. "
                 "Use backend 'torch' (or 'auto') on CPU."
             )
+        error = kernel_error(device)
+        if error is not None:
+            raise BackendError(
+                f"backend 'mamba-ssm' requested but its kernels fail on this GPU ({error}). GPU: "
+                f"{_rebuild_hint(device)}; or use --backend torch (or auto)."
+            )
         return "mamba-ssm"
     # auto
     if device.type == "cuda" and available:
-        return "mamba-ssm"
+        return "mamba-ssm" if _kernels_usable(device) else "torch"
     if device.type == "cuda":
         logger.warning(
             "backend 'auto': mamba_ssm is not importable (%s); using the pure-PyTorch selective scan "
@@ -163,11 +252,11 @@ def pick_backend(requested: str, tensor: torch.Tensor) -> str:
     """Backend for one forward call (silent version of :func:`resolve_backend`)."""
     if requested == "torch":
         return "torch"
-    if tensor.is_cuda and mamba_ssm_available():
-        return "mamba-ssm"
     if requested == "mamba-ssm":
-        # raises with the explanation (not importable / not a CUDA tensor)
-        resolve_backend(requested, tensor.device)
+        # raises with the explanation (not importable / not a CUDA tensor / no kernels for this GPU)
+        return resolve_backend(requested, tensor.device)
+    if tensor.is_cuda and _kernels_usable(tensor.device):
+        return "mamba-ssm"
     return "torch"
 
 
