@@ -267,6 +267,7 @@ def test_determinism(labels, strategy, kw):
     assert out.device.type == "cpu" and out.dtype == torch.bool and out.is_contiguous()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_device_matches_cpu(labels):
     m = build_masker("random-region", labels, PS, T=T, device="cuda")
