@@ -42,6 +42,21 @@ def test_boutiques_descriptor_matches_cli():
     assert descriptor["command-line"].startswith("regionmae [BIDS_DIR] [OUTPUT_DIR] [ANALYSIS_LEVEL]")
 
 
+def test_every_file_the_dockerfile_copies_is_in_the_build_context():
+    """.dockerignore lets through (``!path``) every source of a ``COPY`` from the build context."""
+    allowed = [line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text(encoding="utf-8").splitlines()
+               if line.startswith("!")]
+    sources = []
+    for line in (REPO / "Dockerfile").read_text(encoding="utf-8").splitlines():
+        words = line.split()
+        if words[:1] == ["COPY"] and not any(w.startswith("--from") for w in words):
+            sources += [w.replace("[s]", "s") for w in words[1:-1] if not w.startswith("--")]
+    assert "scripts/nvcc-arch-filter.sh" in sources and "bids_regionmae" in sources
+    for source in sources:
+        assert any(source == a or source.startswith(a + "/") for a in allowed), (source, allowed)
+        assert (REPO / source).exists() or source == ".docker-templates", source
+
+
 @pytest.mark.container
 @pytest.mark.slow
 @pytest.mark.skipif(not _docker_available(), reason="no Docker daemon (docker info failed)")
