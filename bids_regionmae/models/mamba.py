@@ -7,11 +7,14 @@ state dict moves unchanged between
 - ``"mamba-ssm"``: the CUDA kernels of the ``mamba-ssm`` package
   (``selective_scan_fn``, plus ``causal_conv1d_fn`` when ``causal-conv1d`` is
   installed), imported lazily and only used for CUDA tensors;
-- ``"torch"``: a pure-PyTorch selective scan that runs anywhere. Its forward
-  is one sequential loop over time (one fused multiply-add per step, which on
-  CPUs beats parallel/associative scans); everything else is vectorised. The
-  backward is hand-written: one reverse loop over time, so its cost is linear
-  in the sequence length (no quadratic formulation, unlike
+- ``"torch"``: runs anywhere. On CPU tensors the selective scan is the fused
+  C++ kernel of :mod:`.fused_scan` (built on first use; nothing of size
+  (L, Bw, N, E) is stored). Without a compiler, with
+  ``REGIONMAE_FUSED_SCAN=0`` and on other devices it is a pure-PyTorch scan:
+  one sequential loop over time (one fused multiply-add per step, which on
+  CPUs beats parallel/associative scans), everything else vectorised, and a
+  hand-written backward with one reverse loop over time, so its cost is
+  linear in the sequence length (no quadratic formulation, unlike
   ``mamba_ssm``'s ``selective_scan_ref``).
 
 ``"auto"`` picks the kernels for CUDA tensors when ``mamba_ssm`` imports and
@@ -40,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bids_regionmae.errors import BackendError, UsageError
+from bids_regionmae.models.fused_scan import MAX_STATE, FusedSelectiveScan, fused_ops
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +264,7 @@ def pick_backend(requested: str, tensor: torch.Tensor) -> str:
     return "torch"
 
 
-# --------------------------------------------------------------------------- pure-PyTorch scan
+# --------------------------------------------------------------------------- selective scan
 
 
 _WORKSPACE = threading.local()
@@ -358,7 +362,7 @@ def selective_scan(
     D: torch.Tensor | None = None,
     z: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Pure-PyTorch selective scan over the first (time) axis.
+    """Selective scan over the first (time) axis (fused C++ kernel on CPU, else pure PyTorch).
 
     Parameters
     ----------
@@ -379,9 +383,19 @@ def selective_scan(
     -------
     Tensor, shape (L, Bw, E)
         In the dtype of ``u``; computed in float32 (or float64 for float64 input).
+
+    Notes
+    -----
+    CPU tensors go through :class:`.fused_scan.FusedSelectiveScan` when the
+    extension is available (see :func:`.fused_scan.scan_status`); the two
+    implementations agree to float32 rounding.
     """
     dtype = u.dtype
     work = torch.float64 if dtype == torch.float64 else torch.float32
+    if u.device.type == "cpu" and A.shape[1] <= MAX_STATE and fused_ops() is not None:
+        args = [None if t is None else t.to(work) for t in (u, delta, A, B, C, D, z)]
+        with torch.autocast("cpu", enabled=False):
+            return FusedSelectiveScan.apply(*args).to(dtype)
     uu, dd, AA, BB, CC = (t.to(work).contiguous() for t in (u, delta, A, B, C))
     with torch.autocast(u.device.type, enabled=False):
         y = _SelectiveScan.apply(uu, dd, AA, BB, CC)
