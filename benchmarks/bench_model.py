@@ -5,11 +5,20 @@ Each (device, backend) pair runs in its own subprocess so that the CPU peak
 memory (``ru_maxrss``) belongs to that configuration alone; on CUDA the peak
 is ``torch.cuda.max_memory_allocated``.
 
+``--compare-scan`` instead compares, in one process and alternating, the
+PyTorch code of the Mamba block on CPU (``REGIONMAE_CPU_KERNELS=0``) with the
+fused C++ kernels (selective scan and causal convolution): the scan alone at
+the ``tiny`` and ``neurostorm`` first-stage shapes, a ``tiny`` training step
+(batch 2) and a ``neurostorm`` forward + backward (batch 1, about 8 GiB),
+with the largest differences of outputs and gradients between the two.
+
 Examples
 --------
     python benchmarks/bench_model.py --quick                # tiny variant, CPU, a few seconds
     python benchmarks/bench_model.py                        # neurostorm, all devices/backends here
     python benchmarks/bench_model.py --variant neurostorm --device cuda --batch 4 --json out.json
+    python benchmarks/bench_model.py --compare-scan --threads 1 --json scan.json   # about 3 minutes
+    python benchmarks/bench_model.py --compare-scan --quick                         # without neurostorm
 """
 
 from __future__ import annotations
@@ -52,8 +61,10 @@ def machine_info() -> dict:
         info["cuda_device"] = torch.cuda.get_device_name(0)
         info["cuda_version"] = torch.version.cuda
     from bids_regionmae.models import mamba_ssm_available
+    from bids_regionmae.models.cpu_kernels import kernel_status
 
     info["mamba_ssm"] = mamba_ssm_available()
+    info["cpu_scan"] = kernel_status()
     return info
 
 
@@ -135,6 +146,141 @@ def run_single(args: argparse.Namespace, device_name: str, backend: str) -> dict
     }
 
 
+SCAN_MODES = {"torch": "0", "fused": "1"}  # REGIONMAE_CPU_KERNELS for each compared path
+
+
+def _timed(fn) -> tuple[float, float]:
+    """(wall, CPU) seconds of ``fn()``."""
+    w, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w, time.process_time() - c
+
+
+def _alternate(run, passes: int, warmup: int = 1) -> dict:
+    """Run ``run(mode)`` for both paths in turn; best wall and CPU seconds of each over ``passes``."""
+    times: dict[str, list[tuple[float, float]]] = {mode: [] for mode in SCAN_MODES}
+    for i in range(warmup + passes):
+        for mode, flag in (SCAN_MODES.items() if i % 2 == 0 else reversed(SCAN_MODES.items())):
+            os.environ["REGIONMAE_CPU_KERNELS"] = flag
+            t = _timed(lambda mode=mode: run(mode))
+            if i >= warmup:
+                times[mode].append(t)
+    out = {}
+    for mode, ts in times.items():
+        out[f"{mode}_wall_s"] = min(t[0] for t in ts)
+        out[f"{mode}_cpu_s"] = min(t[1] for t in ts)
+    out["speedup_wall"] = out["torch_wall_s"] / out["fused_wall_s"]
+    out["speedup_cpu"] = out["torch_cpu_s"] / out["fused_cpu_s"]
+    return out
+
+
+def _max_diff(a: list, b: list) -> tuple[float, float]:
+    """Largest |a - b| over paired tensors, and the largest |b| (for scale)."""
+    return (max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True)),
+            max(float(y.abs().max()) for y in b))
+
+
+def _scan_alone(shape: tuple[int, int, int, int], passes: int) -> dict:
+    """Fused vs pure-PyTorch scan (with D and the z gate) forward + backward on random float32 inputs."""
+    import torch
+    import torch.nn.functional as F
+
+    from bids_regionmae.models import selective_scan
+
+    L, Bw, E, N = shape
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(L, Bw, E, generator=g), F.softplus(torch.randn(L, Bw, E, generator=g) - 4),
+            -torch.arange(1, N + 1, dtype=torch.float32).repeat(E, 1), torch.randn(L, Bw, N, generator=g),
+            torch.randn(L, Bw, N, generator=g), torch.ones(E), torch.randn(L, Bw, E, generator=g)]
+    args = [a.requires_grad_() for a in args]
+    gout = torch.randn(L, Bw, E, generator=g)
+    results = {}
+
+    def run(mode: str) -> None:
+        out = selective_scan(*args)
+        results[mode] = [out.detach(), *torch.autograd.grad(out, args, gout)]
+
+    res = _alternate(run, passes)
+    res["max_abs_diff_out"], res["max_abs_out"] = _max_diff(results["fused"][:1], results["torch"][:1])
+    res["max_abs_diff_grad"], res["max_abs_grad"] = _max_diff(results["fused"][1:], results["torch"][1:])
+    return {"what": f"scan alone, L={L} Bw={Bw} E={E} N={N}, fwd+bwd", **res}
+
+
+def _model_pass(variant: str, batch: int, passes: int, train_step: bool) -> dict:
+    """Fused kernels vs PyTorch code in a whole masked-autoencoder forward + backward (+ AdamW step)."""
+    import copy
+
+    import torch
+
+    from bids_regionmae.models import create_mae, get_spec
+
+    torch.manual_seed(0)
+    spec = get_spec(variant)
+    base = create_mae(spec, backend="torch").train()
+    x = torch.randn((batch, spec.in_chans) + spec.img_size)
+    mask = torch.rand((batch,) + spec.token_grid) < 0.5
+    # one copy of the model per path, so that both train from the same weights
+    models = {mode: copy.deepcopy(base) for mode in SCAN_MODES} if train_step else dict.fromkeys(SCAN_MODES, base)
+    opts = {mode: torch.optim.AdamW(m.parameters(), lr=5e-5, weight_decay=0.01) for mode, m in models.items()}
+    first = {}
+
+    def run(mode: str) -> None:
+        model = models[mode]
+        model.zero_grad(set_to_none=True)
+        recon = model(x, mask)
+        (recon - x).square().mean().backward()
+        if mode not in first:  # outputs and gradients before any optimizer step: same weights for both
+            first[mode] = [recon.detach(), *(p.grad.clone() for p in model.parameters() if p.grad is not None)]
+        if train_step:
+            opts[mode].step()
+
+    res = _alternate(run, passes)
+    res["max_abs_diff_out"], res["max_abs_out"] = _max_diff(first["fused"][:1], first["torch"][:1])
+    res["max_abs_diff_grad"], res["max_abs_grad"] = _max_diff(first["fused"][1:], first["torch"][1:])
+    what = "training step (fwd+bwd+AdamW)" if train_step else "fwd+bwd"
+    return {"what": f"{variant}, batch {batch}, {what}", **res}
+
+
+def compare_scan(args: argparse.Namespace) -> int:
+    """The ``--compare-scan`` report; returns the exit status."""
+    import torch
+
+    from bids_regionmae.models.cpu_kernels import ENV_VAR, kernel_status
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    status = kernel_status()
+    info = machine_info()
+    print("# bench_model --compare-scan: PyTorch code vs fused C++ kernels of the Mamba block on CPU, alternating")
+    print(f"machine: {info['cpu']} | usable cpus={info['cpus_usable']} | torch_threads={torch.get_num_threads()} "
+          f"| torch {info['torch']} | kernels: {status} | load before: {os.getloadavg()[0]:.1f}")
+    if not status.startswith("fused"):
+        print(f"the fused kernels are not available ({status}); nothing to compare")
+        return 1
+    rows = [_scan_alone((256, 32, 32, 16), passes=5), _scan_alone((256, 320, 72, 16), passes=3),
+            _model_pass("tiny", 2, passes=args.steps or 5, train_step=True)]
+    if not args.quick:
+        rows.append(_model_pass("neurostorm", 1, passes=args.steps or 2, train_step=False))
+    os.environ.pop(ENV_VAR, None)
+    load_after = os.getloadavg()[0]
+    header = (f"{'what':<52} {'torch s':>8} {'fused s':>8} {'x wall':>7} {'x CPU':>6} "
+              f"{'max|d out|':>11} {'max|d grad|':>12}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['what']:<52} {r['torch_wall_s']:>8.3f} {r['fused_wall_s']:>8.3f} {r['speedup_wall']:>6.2f}x "
+              f"{r['speedup_cpu']:>5.2f}x {r['max_abs_diff_out']:>11.2e} {r['max_abs_diff_grad']:>12.2e}")
+    print(f"(seconds: best wall time of the passes; x CPU: the same ratio in CPU time; max|d|: largest absolute "
+          f"difference, outputs up to {max(r['max_abs_out'] for r in rows):.3g}, gradients up to "
+          f"{max(r['max_abs_grad'] for r in rows):.3g}) | load after: {load_after:.1f} | peak RSS "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"machine": info, "kernels": status, "threads": torch.get_num_threads(), "rows": rows,
+                       "load_after": load_after, "date": time.strftime("%Y-%m-%d %H:%M")}, fh, indent=2)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -142,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", default="neurostorm", help="model variant (default: neurostorm)")
     p.add_argument("--quick", action="store_true", help="tiny variant, 1 warm-up + 2 timed steps")
     p.add_argument("--batch", type=int, default=None, help="batch size (default 1; 2 with --quick)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 2)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed steps (default 2; --compare-scan: 5 tiny steps, 2 neurostorm passes)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps (default 1)")
     p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     p.add_argument("--backend", choices=["torch", "mamba-ssm", "all"], default="all")
@@ -153,8 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-process", action="store_true",
                    help="run every configuration in this process (CPU peak memory then accumulates)")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--compare-scan", action="store_true",
+                   help="PyTorch code vs fused CPU kernels of the Mamba block, alternating in this process")
     p.add_argument("--single", nargs=2, metavar=("DEVICE", "BACKEND"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.compare_scan:
+        return compare_scan(args)
     if args.quick and args.variant == "neurostorm":
         args.variant = "tiny"
     args.batch = args.batch or (2 if args.quick else 1)
@@ -171,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
           f"mask_ratio={args.mask_ratio} grad_checkpointing={args.grad_checkpointing} bf16={args.bf16}")
     print(f"machine: {info['cpu']} | cpu_count={info['cpu_count']} usable={info['cpus_usable']} "
           f"torch_threads={args.threads or info['torch_threads']} | torch {info['torch']} | python "
-          f"{info['python']} | cuda={info.get('cuda_device', 'none')} | mamba_ssm={info['mamba_ssm']}")
+          f"{info['python']} | cuda={info.get('cuda_device', 'none')} | mamba_ssm={info['mamba_ssm']} | "
+          f"cpu scan={info['cpu_scan']}")
     if not configs:
         print("no runnable (device, backend) configuration on this machine")
         return 1

@@ -1,4 +1,4 @@
-"""The fused CPU selective scan (bids_regionmae.models.fused_scan) against the naive reference and today's scan."""
+"""The fused CPU kernels (bids_regionmae.models.cpu_kernels) against naive references and the PyTorch code."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bids_regionmae.models import fused_scan, selective_scan
-from bids_regionmae.models.fused_scan import ENV_VAR, FusedSelectiveScan, scan_status
-from bids_regionmae.models.mamba import Mamba, _SelectiveScan
+from bids_regionmae.models import cpu_kernels, selective_scan
+from bids_regionmae.models.cpu_kernels import ENV_VAR, FusedCausalConv, FusedSelectiveScan, kernel_status
+from bids_regionmae.models.mamba import Mamba, _SelectiveScan, causal_depthwise_conv
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -49,9 +49,9 @@ def _grads(out, args, gout):
 @pytest.fixture(scope="module")
 def ops():
     """The loaded extension (skips where it cannot be built)."""
-    ops = fused_scan.fused_ops()
+    ops = cpu_kernels.fused_ops()
     if ops is None:
-        pytest.skip(f"fused scan unavailable here: {scan_status()}")
+        pytest.skip(f"fused scan unavailable here: {kernel_status()}")
     return ops
 
 
@@ -82,13 +82,13 @@ def isa(request, ops):
 def test_fused_scan_is_built_where_a_compiler_exists():
     if not HAVE_COMPILER:
         pytest.skip("no C++ compiler: the fallback is what runs here")
-    assert fused_scan.fused_scan_enabled()
-    assert scan_status().startswith("fused ("), scan_status()
+    assert cpu_kernels.kernels_enabled()
+    assert kernel_status().startswith("fused ("), kernel_status()
 
 
 # shapes with every edge: E not a multiple of the lanes (4/8/16), odd N, L not a multiple of the chunk,
 # L = 1, one sequence
-SHAPES = [(37, 3, 6, 4), (40, 2, 13, 5), (33, 1, 17, 9), (1, 2, 3, 2), (2 * fused_scan.CHUNK, 2, 24, 16)]
+SHAPES = [(37, 3, 6, 4), (40, 2, 13, 5), (33, 1, 17, 9), (1, 2, 3, 2), (2 * cpu_kernels.CHUNK, 2, 24, 16)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -103,7 +103,7 @@ def test_fused_scan_matches_naive_reference(isa, shape):
 
 
 def test_fused_scan_gradcheck(isa):
-    for seed, shape in enumerate([(6, 2, 3, 2), (fused_scan.CHUNK + 3, 1, 5, 3)]):
+    for seed, shape in enumerate([(6, 2, 3, 2), (cpu_kernels.CHUNK + 3, 1, 5, 3)]):
         args = _args(*shape, seed=seed)
         assert torch.autograd.gradcheck(FusedSelectiveScan.apply, args)  # also checks that backward is repeatable
     args = _args(5, 2, 3, 2, seed=7, D=False, z=False)
@@ -173,7 +173,7 @@ def test_env_var_forces_the_torch_scan(ops, monkeypatch):
     args = _args(30, 2, 8, 4)
     fused = selective_scan(*args)
     monkeypatch.setenv(ENV_VAR, "0")
-    assert not fused_scan.fused_scan_enabled() and scan_status() == f"torch ({ENV_VAR}=0)"
+    assert not cpu_kernels.kernels_enabled() and kernel_status() == f"torch ({ENV_VAR}=0)"
     calls = []
     monkeypatch.setattr(FusedSelectiveScan, "apply", lambda *a: calls.append(a))
     torch_path = selective_scan(*args)
@@ -183,23 +183,23 @@ def test_env_var_forces_the_torch_scan(ops, monkeypatch):
 
 def test_build_failure_falls_back_with_one_warning(monkeypatch, caplog):
     def broken_build(verbose=False):
-        raise RuntimeError("Error building extension 'regionmae_scan': c++: not found")
+        raise RuntimeError("Error building extension 'regionmae_mamba': c++: not found")
 
-    monkeypatch.setattr(fused_scan, "build", broken_build)
-    fused_scan._load.cache_clear()
+    monkeypatch.setattr(cpu_kernels, "build", broken_build)
+    cpu_kernels._load.cache_clear()
     try:
         args = _args(12, 2, 5, 3)
-        with caplog.at_level(logging.WARNING, logger="bids_regionmae.models.fused_scan"):
+        with caplog.at_level(logging.WARNING, logger="bids_regionmae.models.cpu_kernels"):
             first = selective_scan(*args)
             second = selective_scan(*args)
-        warnings = [r for r in caplog.records if r.name == "bids_regionmae.models.fused_scan"]
+        warnings = [r for r in caplog.records if r.name == "bids_regionmae.models.cpu_kernels"]
         assert len(warnings) == 1
         assert "c++: not found" in warnings[0].getMessage() and ENV_VAR in warnings[0].getMessage()
-        assert scan_status() == "torch (RuntimeError: Error building extension 'regionmae_scan': c++: not found)"
+        assert kernel_status() == "torch (RuntimeError: Error building extension 'regionmae_mamba': c++: not found)"
         assert torch.equal(first, second)
         assert torch.allclose(first, _naive_scan(*args), atol=1e-12)
     finally:
-        fused_scan._load.cache_clear()
+        cpu_kernels._load.cache_clear()
 
 
 def test_mamba_block_same_with_fused_and_torch_scan(ops, monkeypatch):
@@ -217,6 +217,44 @@ def test_mamba_block_same_with_fused_and_torch_scan(ops, monkeypatch):
     assert torch.allclose(out["1"][1], out["0"][1], atol=1e-10)
 
 
+def _conv_reference(x, w, b, silu):
+    """torch's own Conv1d (padding K-1, first L outputs), on a (L, Bw, E) tensor."""
+    L, Bw, E = x.shape
+    out = F.conv1d(x.permute(1, 2, 0), w.unsqueeze(1), b, padding=w.shape[1] - 1, groups=E)[..., :L]
+    out = out.permute(2, 0, 1)
+    return F.silu(out) if silu else out
+
+
+@pytest.mark.parametrize(("L", "Bw", "E", "K"), [(11, 3, 5, 4), (3, 2, 19, 4), (40, 1, 33, 2), (7, 4, 16, 1)])
+def test_fused_conv_matches_conv1d(isa, L, Bw, E, K):
+    g = torch.Generator().manual_seed(L * E)
+    xz = torch.randn(L, Bw, 2 * E, generator=g, dtype=torch.float64, requires_grad=True)
+    x = xz[..., :E]  # the first half of in_proj's output, as the Mamba block passes it
+    w = torch.randn(E, K, generator=g, dtype=torch.float64, requires_grad=True)
+    for b in (torch.randn(E, generator=g, dtype=torch.float64, requires_grad=True), None):
+        for silu in (True, False):
+            args = [t for t in (xz, w, b) if t is not None]
+            out, ref = FusedCausalConv.apply(x, w, b, silu), _conv_reference(x, w, b, silu)
+            assert torch.allclose(out, ref, atol=1e-12), (isa, b is None, silu)
+            gout = torch.randn_like(out)
+            for a, r in zip(torch.autograd.grad(out, args, gout), torch.autograd.grad(ref, args, gout), strict=True):
+                assert torch.allclose(a, r, atol=1e-11), (isa, b is None, silu)
+    small = [torch.randn(5, 2, 3, generator=g, dtype=torch.float64, requires_grad=True),
+             torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True),
+             torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)]
+    assert torch.autograd.gradcheck(lambda x, w, b: FusedCausalConv.apply(x, w, b, True), small)
+
+
+def test_causal_conv_dtypes_follow_torch_promotion(ops):
+    w, b = torch.randn(6, 1, 4), torch.randn(6)
+    x = torch.randn(9, 2, 6)
+    ref = causal_depthwise_conv(x, w, b, silu=True)
+    assert causal_depthwise_conv(x.bfloat16(), w, b, silu=True).dtype == torch.float32  # as bf16 * f32 in torch
+    low = causal_depthwise_conv(x.bfloat16(), w.bfloat16(), b.bfloat16(), silu=True)
+    assert low.dtype == torch.bfloat16 and (low.float() - ref).abs().max() < 0.1
+    assert torch.allclose(ref, _conv_reference(x, w.squeeze(1), b, True), atol=1e-5)
+
+
 def test_thread_count_does_not_change_results(ops):
     args = [None if a is None else a.detach().float().requires_grad_() for a in _args(64, 3, 40, 16, seed=3)]
     res = {}
@@ -232,6 +270,6 @@ def test_thread_count_does_not_change_results(ops):
 
 def test_build_directory_follows_torch_extensions_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    folder = fused_scan.build_directory()
-    assert folder.parent == tmp_path and folder.name == fused_scan.extension_name()
-    assert folder.name.startswith("regionmae_scan_") and folder.name.isidentifier()
+    folder = cpu_kernels.build_directory()
+    assert folder.parent == tmp_path and folder.name == cpu_kernels.extension_name()
+    assert folder.name.startswith("regionmae_mamba_") and folder.name.isidentifier()

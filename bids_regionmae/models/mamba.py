@@ -7,14 +7,14 @@ state dict moves unchanged between
 - ``"mamba-ssm"``: the CUDA kernels of the ``mamba-ssm`` package
   (``selective_scan_fn``, plus ``causal_conv1d_fn`` when ``causal-conv1d`` is
   installed), imported lazily and only used for CUDA tensors;
-- ``"torch"``: runs anywhere. On CPU tensors the selective scan is the fused
-  C++ kernel of :mod:`.fused_scan` (built on first use; nothing of size
-  (L, Bw, N, E) is stored). Without a compiler, with
-  ``REGIONMAE_FUSED_SCAN=0`` and on other devices it is a pure-PyTorch scan:
-  one sequential loop over time (one fused multiply-add per step, which on
-  CPUs beats parallel/associative scans), everything else vectorised, and a
-  hand-written backward with one reverse loop over time, so its cost is
-  linear in the sequence length (no quadratic formulation, unlike
+- ``"torch"``: runs anywhere. On CPU tensors the selective scan and the
+  causal convolution are the fused C++ kernels of :mod:`.cpu_kernels` (built
+  on first use; nothing of size (L, Bw, N, E) is stored). Without a compiler,
+  with ``REGIONMAE_CPU_KERNELS=0`` and on other devices they are pure
+  PyTorch: the scan is one sequential loop over time (one fused multiply-add
+  per step, which on CPUs beats parallel/associative scans), everything else
+  vectorised, with a hand-written backward of one reverse loop over time, so
+  its cost is linear in the sequence length (no quadratic formulation, unlike
   ``mamba_ssm``'s ``selective_scan_ref``).
 
 ``"auto"`` picks the kernels for CUDA tensors when ``mamba_ssm`` imports and
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bids_regionmae.errors import BackendError, UsageError
-from bids_regionmae.models.fused_scan import MAX_STATE, FusedSelectiveScan, fused_ops
+from bids_regionmae.models.cpu_kernels import MAX_STATE, FusedCausalConv, FusedSelectiveScan, fused_ops
 
 logger = logging.getLogger(__name__)
 
@@ -386,8 +386,8 @@ def selective_scan(
 
     Notes
     -----
-    CPU tensors go through :class:`.fused_scan.FusedSelectiveScan` when the
-    extension is available (see :func:`.fused_scan.scan_status`); the two
+    CPU tensors go through :class:`.cpu_kernels.FusedSelectiveScan` when the
+    extension is available (see :func:`.cpu_kernels.kernel_status`); the two
     implementations agree to float32 rounding.
     """
     dtype = u.dtype
@@ -406,32 +406,43 @@ def selective_scan(
     return y.to(dtype)
 
 
-def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Causal depthwise 1-D convolution along the first (time) axis.
+def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          silu: bool = False) -> torch.Tensor:
+    """Causal depthwise 1-D convolution along the first (time) axis, then SiLU when ``silu``.
 
     Equivalent to ``nn.Conv1d(E, E, K, groups=E, padding=K-1)`` trimmed to the
-    first L outputs, computed as K shifted multiply-adds.
+    first L outputs. On CPU, the fused kernel of :mod:`.cpu_kernels` when it
+    is available; otherwise K shifted multiply-adds.
 
     Parameters
     ----------
     x : Tensor, shape (L, Bw, E)
     weight : Tensor, shape (E, 1, K)
     bias : Tensor, shape (E,), optional
+    silu : bool
+        Apply SiLU to the result.
 
     Returns
     -------
     Tensor, shape (L, Bw, E)
+        In the dtype ``x`` and ``weight`` promote to.
     """
     L = x.shape[0]
     K = weight.shape[-1]
     w = weight.reshape(weight.shape[0], K)
+    if x.device.type == "cpu" and fused_ops() is not None:
+        dtype = torch.promote_types(x.dtype, weight.dtype)
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        with torch.autocast("cpu", enabled=False):
+            out = FusedCausalConv.apply(x.to(work), w.to(work), None if bias is None else bias.to(work), silu)
+        return out.to(dtype)
     xp = F.pad(x, (0, 0, 0, 0, K - 1, 0))
     out = xp[K - 1:] * w[:, K - 1]
     for k in range(K - 1):
         out = out + xp[k:k + L] * w[:, k]
     if bias is not None:
         out = out + bias
-    return out
+    return F.silu(out) if silu else out
 
 
 # --------------------------------------------------------------------------- module
@@ -546,7 +557,7 @@ class Mamba(nn.Module):
         """Pure-PyTorch path; ``x`` is time-major (L, Bw, C)."""
         xz = self.in_proj(x)
         xi, z = xz.chunk(2, dim=-1)
-        xc = F.silu(causal_depthwise_conv(xi, self.conv1d.weight, self.conv1d.bias))
+        xc = causal_depthwise_conv(xi, self.conv1d.weight, self.conv1d.bias, silu=True)
         dt, B, C = self._ssm_inputs(xc)
         delta = F.softplus(self.dt_proj(dt).float())
         A = -torch.exp(self.A_log.float())

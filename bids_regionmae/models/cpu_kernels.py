@@ -1,17 +1,24 @@
-"""Fused CPU selective scan: a small C++ extension, built on first use, behind the pure-PyTorch scan.
+"""Fused CPU kernels of the Mamba block: a small C++ extension, built on first use, with the PyTorch code as fallback.
 
-The pure-PyTorch scan (:class:`bids_regionmae.models.mamba._SelectiveScan`)
-materialises (L, Bw, N, E) tensors: ``exp(delta A)``, ``delta B u`` and all
-states, forward and backward. The kernels in ``csrc/`` keep the N states of
-each (sequence, block of 8 channels) in local vectors instead; the forward
-keeps the state at the start of every :data:`CHUNK` steps, and the backward
-recomputes the states of one chunk at a time from those, then runs the
-reverse recurrence. Work is spread over sequences x channel blocks with
-``at::parallel_for``, so it follows ``torch.set_num_threads``. Inputs are
-float32 or float64 (callers cast bfloat16/float16 to float32); results agree
-with the pure-PyTorch scan to float32 rounding (float64: to 1e-14).
+- :class:`FusedSelectiveScan`: the selective scan with ``D`` and the
+  ``silu(z)`` gate. The pure-PyTorch scan
+  (:class:`bids_regionmae.models.mamba._SelectiveScan`) materialises
+  (L, Bw, N, E) tensors: ``exp(delta A)``, ``delta B u`` and all states,
+  forward and backward. The kernel keeps the N states of each (sequence, block
+  of channels) in vector registers instead; the forward keeps the state at the
+  start of every :data:`CHUNK` steps, and the backward recomputes the states of
+  one chunk at a time from those, then runs the reverse recurrence.
+- :class:`FusedCausalConv`: the causal depthwise convolution (+ bias, + SiLU)
+  in one pass over the data instead of K shifted multiply-adds.
 
-Build: :func:`torch.utils.cpp_extension.load` compiles ``csrc/selective_scan.cpp``
+Work is spread with ``at::parallel_for`` (sequences x channel blocks, or rows),
+so it follows ``torch.set_num_threads``. The extension carries one copy of the
+kernels per instruction set (AVX-512, AVX2+FMA, baseline) and runs the best
+the CPU has. Inputs are float32 or float64 (callers cast bfloat16/float16 to
+float32); results agree with the PyTorch code to float32 rounding (float64:
+to 1e-14).
+
+Build: :func:`torch.utils.cpp_extension.load` compiles ``csrc/mamba_cpu.cpp``
 the first time a process needs it (about 10-20 s on 2 cores, needs a C++
 compiler; ``ninja`` is a dependency) into a folder named after a hash of the
 sources, the torch version and the flags, under ``$TORCH_EXTENSIONS_DIR`` or
@@ -20,10 +27,10 @@ the built library directly (milliseconds). Concurrent first uses wait on one
 build (an OS file lock, released even if a builder is killed).
 
 Fallback: when the build or the load fails (no compiler, read-only cache,
-another platform), the pure-PyTorch scan runs, with one logged warning per
-process. ``REGIONMAE_FUSED_SCAN=0`` forces the fallback without trying.
+another platform), the PyTorch code runs, with one logged warning per
+process. ``REGIONMAE_CPU_KERNELS=0`` forces the fallback without trying.
 To build ahead (a container image, a cluster's login node):
-``python -c "from bids_regionmae.models.fused_scan import build; print(build())"``.
+``python -c "from bids_regionmae.models.cpu_kernels import build; print(build())"``.
 """
 
 from __future__ import annotations
@@ -44,15 +51,15 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-#: Environment variable: ``0`` (or ``false``/``no``/``off``) forces the pure-PyTorch scan.
-ENV_VAR = "REGIONMAE_FUSED_SCAN"
+#: Environment variable: ``0`` (or ``false``/``no``/``off``) forces the PyTorch code.
+ENV_VAR = "REGIONMAE_CPU_KERNELS"
 #: Time steps between the state checkpoints the forward keeps for the backward.
 CHUNK = 16
 #: Largest state size N the kernels handle (mamba uses 16).
 MAX_STATE = 64
 
 _CSRC = Path(__file__).resolve().with_name("csrc")
-_SOURCES = ("selective_scan.cpp", "selective_scan_kernel.h")
+_SOURCES = ("mamba_cpu.cpp", "scan_kernel.h", "conv_kernel.h")
 _DONE = "built.ok"  # written after a build loaded once; its presence lets later processes skip the build
 
 
@@ -72,7 +79,7 @@ def extension_name() -> str:
     for name in _SOURCES:
         digest.update((_CSRC / name).read_bytes())
     digest.update(f"{torch.__version__}|{sys.version_info[:2]}|{sysconfig.get_platform()}|{_flags()}".encode())
-    return f"regionmae_scan_{digest.hexdigest()[:12]}"
+    return f"regionmae_mamba_{digest.hexdigest()[:12]}"
 
 
 def build_directory() -> Path:
@@ -85,8 +92,8 @@ def build_directory() -> Path:
     return Path(root) / extension_name()
 
 
-def fused_scan_enabled() -> bool:
-    """Whether ``REGIONMAE_FUSED_SCAN`` allows the fused scan (it does unless set to 0/false/no/off)."""
+def kernels_enabled() -> bool:
+    """Whether ``REGIONMAE_CPU_KERNELS`` allows the fused kernels (it does unless set to 0/false/no/off)."""
     return os.environ.get(ENV_VAR, "1").strip().lower() not in {"0", "false", "no", "off"}
 
 
@@ -155,33 +162,33 @@ def build(verbose: bool = False) -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[Any, str | None]:
-    """The ``torch.ops.regionmae_scan`` namespace, or None and why not (warns once)."""
+    """The ``torch.ops.regionmae_mamba`` namespace, or None and why not (warns once)."""
     try:
         build()
-        ops = torch.ops.regionmae_scan
-        ops.forward  # noqa: B018  (raises when the library registered nothing)
+        ops = torch.ops.regionmae_mamba
+        ops.scan_forward  # noqa: B018  (raises when the library registered nothing)
     except Exception as exc:  # compiler missing, build error, read-only cache, foreign platform...
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
         logger.warning(
-            "The fused CPU selective scan could not be built or loaded (%s); using the pure-PyTorch scan, "
-            "which is slower and needs more memory. It needs a C++ compiler (e.g. Debian's g++) and a writable "
-            "$TORCH_EXTENSIONS_DIR or ~/.cache; set %s=0 to skip trying.", reason, ENV_VAR,
+            "The fused CPU kernels of the Mamba block could not be built or loaded (%s); using the PyTorch "
+            "code, which is slower and needs more memory. They need a C++ compiler (e.g. Debian's g++) and a "
+            "writable $TORCH_EXTENSIONS_DIR or ~/.cache; set %s=0 to skip trying.", reason, ENV_VAR,
         )
         return None, reason
     return ops, None
 
 
 def fused_ops() -> Any:
-    """The fused-scan operators, or None when disabled or unavailable (then the caller falls back)."""
-    if not fused_scan_enabled():
+    """The fused operators, or None when disabled or unavailable (then the caller falls back)."""
+    if not kernels_enabled():
         return None
     return _load()[0]
 
 
-def scan_status() -> str:
-    """Which CPU scan runs here: ``"fused (avx512)"`` (instruction set), ``"torch (REGIONMAE_FUSED_SCAN=0)"``
+def kernel_status() -> str:
+    """Which CPU kernels run here: ``"fused (avx512)"`` (instruction set), ``"torch (REGIONMAE_CPU_KERNELS=0)"``
     or ``"torch (<why the extension is unavailable>)"``."""
-    if not fused_scan_enabled():
+    if not kernels_enabled():
         return f"torch ({ENV_VAR}={os.environ.get(ENV_VAR)})"
     ops, reason = _load()
     return f"fused ({ops.isa()})" if ops is not None else f"torch ({reason})"
@@ -212,7 +219,7 @@ class FusedSelectiveScan(torch.autograd.Function):
         z = None if z is None else _rows(z)
         D = None if D is None else D.contiguous()
         save = any(ctx.needs_input_grad)
-        out, ckpt = _load()[0].forward(u, delta, A, B, C, D, z, CHUNK, save)
+        out, ckpt = _load()[0].scan_forward(u, delta, A, B, C, D, z, CHUNK, save)
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, ckpt)
         return out
@@ -221,6 +228,34 @@ class FusedSelectiveScan(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gout):  # noqa: D102
         u, delta, A, B, C, D, z, ckpt = ctx.saved_tensors
-        gu, gdelta, gA, gB, gC, gD, gz = _load()[0].backward(u, delta, A, B, C, D, z, ckpt, gout.contiguous(),
+        gu, gdelta, gA, gB, gC, gD, gz = _load()[0].scan_backward(u, delta, A, B, C, D, z, ckpt, gout.contiguous(),
                                                              CHUNK)
         return gu, gdelta, gA, gB, gC, None if D is None else gD, None if z is None else gz
+
+
+class FusedCausalConv(torch.autograd.Function):
+    """Causal depthwise convolution along time, + bias, + SiLU when ``silu``, through the C++ kernels.
+
+    Same result as :func:`bids_regionmae.models.mamba.causal_depthwise_conv`
+    (then ``F.silu``) for float32/float64 CPU tensors of one dtype: ``x``
+    (L, Bw, E), a slice along E is fine; ``weight`` (E, K); ``bias`` (E,) or
+    None. Saved for the backward: the inputs only (the pre-activation is
+    recomputed).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, silu):  # noqa: D102
+        x, weight = _rows(x), weight.contiguous()
+        bias = None if bias is None else bias.contiguous()
+        out = _load()[0].conv_forward(x, weight, bias, silu)
+        ctx.silu = silu
+        ctx.save_for_backward(x, weight, bias)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gout):  # noqa: D102
+        x, weight, bias = ctx.saved_tensors
+        gx, gw, gb = _load()[0].conv_backward(x, weight, bias, ctx.silu, gout.contiguous())
+        return gx, gw, None if bias is None else gb, None
+

@@ -1,11 +1,11 @@
-// Fused CPU selective scan (forward and backward) for bids_regionmae.models.mamba.
+// Fused CPU kernels of the Mamba block (bids_regionmae.models.mamba): the selective scan and the
+// causal depthwise convolution, forward and backward.
 //
-// Registered as the torch operators regionmae_scan::forward and
-// regionmae_scan::backward; built on first use by torch.utils.cpp_extension
-// (see bids_regionmae/models/fused_scan.py). Nothing of size (L, Bw, N, E) is
-// ever allocated: the states of each (sequence, channel block) live in local
-// vectors, the forward keeps the state at the start of every `chunk` steps, and
-// the backward recomputes the states of one chunk at a time from those.
+// Registered as the torch operators regionmae_mamba::{scan_forward, scan_backward, conv_forward,
+// conv_backward, isa}; built on first use by torch.utils.cpp_extension (see
+// bids_regionmae/models/cpu_kernels.py). The scan never allocates anything of size (L, Bw, N, E):
+// the states of each (sequence, channel block) live in local vectors, the forward keeps the state
+// at the start of every `chunk` steps, and the backward recomputes one chunk at a time from those.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -25,7 +25,8 @@
 // One copy of the kernels per instruction set; the best one the CPU supports runs.
 #define SCAN_EB 4
 #define SCAN_KERNEL_NS scan_generic
-#include "selective_scan_kernel.h"
+#include "scan_kernel.h"
+#include "conv_kernel.h"
 #undef SCAN_KERNEL_NS
 #undef SCAN_EB
 
@@ -35,7 +36,8 @@
 #pragma GCC target("avx2,fma")
 #define SCAN_EB 8
 #define SCAN_KERNEL_NS scan_avx2
-#include "selective_scan_kernel.h"
+#include "scan_kernel.h"
+#include "conv_kernel.h"
 #undef SCAN_KERNEL_NS
 #undef SCAN_EB
 #pragma GCC pop_options
@@ -43,7 +45,8 @@
 #pragma GCC target("avx512f,avx2,fma")
 #define SCAN_EB 16
 #define SCAN_KERNEL_NS scan_avx512
-#include "selective_scan_kernel.h"
+#include "scan_kernel.h"
+#include "conv_kernel.h"
 #undef SCAN_KERNEL_NS
 #undef SCAN_EB
 #pragma GCC pop_options
@@ -76,7 +79,7 @@ int64_t lanes(int64_t isa) { return isa == kAvx512 ? 16 : isa == kAvx2 ? 8 : 4; 
 // The instruction set in use; `force` >= 0 selects another one the CPU supports (tests, benchmarks).
 std::string scan_isa(int64_t force) {
   if (force >= 0) {
-    TORCH_CHECK(force <= kAvx512 && isa_supported(force), "regionmae_scan: instruction set ", force,
+    TORCH_CHECK(force <= kAvx512 && isa_supported(force), "regionmae_mamba: instruction set ", force,
                 " is not supported here");
     current_isa() = force;
   }
@@ -110,31 +113,61 @@ void backward_items(int64_t isa, const Args& d, const T* u, const T* delta, cons
                                groups, per_group, begin, end);
 }
 
+template <typename T>
+void conv_forward_rows(int64_t isa, const RegionmaeConvArgs& c, const T* x, const T* wt, const T* bias, T* out,
+                       int64_t r0, int64_t r1) {
+#ifdef REGIONMAE_SCAN_X86
+  if (isa == kAvx512) return scan_avx512::conv_forward_rows(c, x, wt, bias, out, r0, r1);
+  if (isa == kAvx2) return scan_avx2::conv_forward_rows(c, x, wt, bias, out, r0, r1);
+#endif
+  scan_generic::conv_forward_rows(c, x, wt, bias, out, r0, r1);
+}
+
+template <typename T>
+void conv_backward_pre_rows(int64_t isa, const RegionmaeConvArgs& c, const T* x, const T* wt, const T* bias,
+                            const T* gout, T* gpre, T* gw_part, T* gb_part, int64_t r0, int64_t r1) {
+#ifdef REGIONMAE_SCAN_X86
+  if (isa == kAvx512) return scan_avx512::conv_backward_pre_rows(c, x, wt, bias, gout, gpre, gw_part, gb_part, r0, r1);
+  if (isa == kAvx2) return scan_avx2::conv_backward_pre_rows(c, x, wt, bias, gout, gpre, gw_part, gb_part, r0, r1);
+#endif
+  scan_generic::conv_backward_pre_rows(c, x, wt, bias, gout, gpre, gw_part, gb_part, r0, r1);
+}
+
+template <typename T>
+void conv_backward_input_rows(int64_t isa, const RegionmaeConvArgs& c, const T* wt, const T* gpre, T* gx, int64_t r0,
+                              int64_t r1) {
+#ifdef REGIONMAE_SCAN_X86
+  if (isa == kAvx512) return scan_avx512::conv_backward_input_rows(c, wt, gpre, gx, r0, r1);
+  if (isa == kAvx2) return scan_avx2::conv_backward_input_rows(c, wt, gpre, gx, r0, r1);
+#endif
+  scan_generic::conv_backward_input_rows(c, wt, gpre, gx, r0, r1);
+}
+
 // Row stride of an (L, Bw, X) tensor whose rows t * Bw + b are evenly spaced with contiguous values.
 int64_t row_stride(const Tensor& t, int64_t L, int64_t Bw, int64_t X, const char* name) {
-  TORCH_CHECK(t.dim() == 3 && t.size(0) == L && t.size(1) == Bw && t.size(2) == X, "regionmae_scan: ", name,
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == L && t.size(1) == Bw && t.size(2) == X, "regionmae_mamba: ", name,
               " must have shape (", L, ", ", Bw, ", ", X, "), got ", t.sizes());
   const int64_t ld = Bw > 1 ? t.stride(1) : t.stride(0);
-  TORCH_CHECK((X <= 1 || t.stride(2) == 1) && (L <= 1 || Bw <= 1 || t.stride(0) == Bw * ld), "regionmae_scan: ",
+  TORCH_CHECK((X <= 1 || t.stride(2) == 1) && (L <= 1 || Bw <= 1 || t.stride(0) == Bw * ld), "regionmae_mamba: ",
               name, " must have evenly spaced rows of contiguous values");
   return ld;
 }
 
 void check_dtype(const Tensor& ref, const Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == ref.scalar_type(), "regionmae_scan: ", name,
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == ref.scalar_type(), "regionmae_mamba: ", name,
               " must be a CPU tensor of dtype ", ref.scalar_type());
 }
 
 Args make_args(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
                const std::optional<Tensor>& D, const std::optional<Tensor>& z, int64_t chunk) {
-  TORCH_CHECK(u.dim() == 3 && A.dim() == 2, "regionmae_scan: u must be (L, Bw, E) and A (E, N)");
+  TORCH_CHECK(u.dim() == 3 && A.dim() == 2, "regionmae_mamba: u must be (L, Bw, E) and A (E, N)");
   const int64_t L = u.size(0), Bw = u.size(1), E = u.size(2), N = A.size(1);
-  TORCH_CHECK(A.size(0) == E, "regionmae_scan: A must be (E, N) with E = ", E);
-  TORCH_CHECK(N >= 1 && N <= MAXN, "regionmae_scan: state size N must be in [1, ",
+  TORCH_CHECK(A.size(0) == E, "regionmae_mamba: A must be (E, N) with E = ", E);
+  TORCH_CHECK(N >= 1 && N <= MAXN, "regionmae_mamba: state size N must be in [1, ",
               MAXN, "], got ", N);
-  TORCH_CHECK(chunk > 0, "regionmae_scan: chunk must be positive");
+  TORCH_CHECK(chunk > 0, "regionmae_mamba: chunk must be positive");
   TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble,
-              "regionmae_scan: float32 or float64 only, got ", u.scalar_type());
+              "regionmae_mamba: float32 or float64 only, got ", u.scalar_type());
   check_dtype(u, u, "u");
   for (auto [t, name] : {std::pair{&delta, "delta"}, {&A, "A"}, {&B, "B"}, {&C, "C"}}) check_dtype(u, *t, name);
   Args d{L, Bw, E, N, chunk, 0, 0, 0, 0, 0};
@@ -144,7 +177,7 @@ Args make_args(const Tensor& u, const Tensor& delta, const Tensor& A, const Tens
   d.ld_C = row_stride(C, L, Bw, N, "C");
   if (D.has_value()) {
     check_dtype(u, *D, "D");
-    TORCH_CHECK(D->dim() == 1 && D->size(0) == E && D->is_contiguous(), "regionmae_scan: D must be (E,)");
+    TORCH_CHECK(D->dim() == 1 && D->size(0) == E && D->is_contiguous(), "regionmae_mamba: D must be (E,)");
   }
   if (z.has_value()) {
     check_dtype(u, *z, "z");
@@ -168,7 +201,7 @@ std::tuple<Tensor, Tensor> scan_forward(const Tensor& u, const Tensor& delta, co
   Tensor out = at::empty({L, Bw, E}, u.options());
   Tensor ckpt = at::empty({save_checkpoints ? nchunk : 0, Bw, N, E}, u.options());
   Tensor At = A.t().contiguous();
-  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "regionmae_scan::forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "regionmae_mamba::scan_forward", [&] {
     const scalar_t *pu = u.const_data_ptr<scalar_t>(), *pd = delta.const_data_ptr<scalar_t>(),
                    *pA = At.const_data_ptr<scalar_t>(), *pB = B.const_data_ptr<scalar_t>(),
                    *pC = C.const_data_ptr<scalar_t>(), *pD = ptr<scalar_t>(D), *pz = ptr<scalar_t>(z);
@@ -191,9 +224,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> scan_backward
   const int64_t nchunk = (L + chunk - 1) / chunk;
   check_dtype(u, ckpt, "ckpt");
   TORCH_CHECK(ckpt.sizes() == at::IntArrayRef({nchunk, Bw, N, E}) && ckpt.is_contiguous(),
-              "regionmae_scan: checkpoints do not match the inputs (forward run without save_checkpoints?)");
+              "regionmae_mamba: checkpoints do not match the inputs (forward run without save_checkpoints?)");
   check_dtype(u, gout, "gout");
-  TORCH_CHECK(gout.sizes() == u.sizes() && gout.is_contiguous(), "regionmae_scan: gout must be contiguous like u");
+  TORCH_CHECK(gout.sizes() == u.sizes() && gout.is_contiguous(), "regionmae_mamba: gout must be contiguous like u");
   // Work items: (sequence, group of channel blocks). gB and gC sum over channels, so each group
   // writes its own partial sums; with enough sequences one group (no partials) fills the threads.
   const int64_t threads = at::get_num_threads();
@@ -208,7 +241,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> scan_backward
   Tensor gA_part = at::empty({Bw, N, E}, u.options());
   Tensor gD_part = at::empty({Bw, E}, u.options());
   Tensor At = A.t().contiguous();
-  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "regionmae_scan::backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "regionmae_mamba::scan_backward", [&] {
     const scalar_t *pu = u.const_data_ptr<scalar_t>(), *pd = delta.const_data_ptr<scalar_t>(),
                    *pA = At.const_data_ptr<scalar_t>(), *pB = B.const_data_ptr<scalar_t>(),
                    *pC = C.const_data_ptr<scalar_t>(), *pD = ptr<scalar_t>(D), *pz = ptr<scalar_t>(z),
@@ -227,19 +260,92 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> scan_backward
   return {gu, gdelta, gA, groups == 1 ? gB[0] : gB.sum(0), groups == 1 ? gC[0] : gC.sum(0), gD, gz};
 }
 
+// ------------------------------------------------------------------ causal depthwise convolution
+
+typedef RegionmaeConvArgs ConvArgs;
+
+ConvArgs conv_args(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, bool silu) {
+  TORCH_CHECK(x.dim() == 3, "regionmae_mamba: x must be (L, Bw, E)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "regionmae_mamba: float32 or float64 only, got ", x.scalar_type());
+  const int64_t L = x.size(0), Bw = x.size(1), E = x.size(2);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == E && weight.size(1) >= 1,
+              "regionmae_mamba: weight must be (E, K) with E = ", E);
+  check_dtype(x, x, "x");
+  check_dtype(x, weight, "weight");
+  if (bias.has_value()) {
+    check_dtype(x, *bias, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == E && bias->is_contiguous(), "regionmae_mamba: bias must be (E,)");
+  }
+  return ConvArgs{L, Bw, E, weight.size(1), row_stride(x, L, Bw, E, "x"), silu};
+}
+
+// Row ranges for `parts` fixed pieces (partial sums do not depend on the thread count).
+int64_t conv_parts(int64_t rows) { return std::max<int64_t>(1, std::min<int64_t>(rows, 64)); }
+
+Tensor conv_forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, bool silu) {
+  const ConvArgs c = conv_args(x, weight, bias, silu);
+  const int64_t isa = current_isa().load(), rows = c.L * c.Bw;
+  Tensor out = at::empty({c.L, c.Bw, c.E}, x.options());
+  Tensor wt = weight.t().contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "regionmae_mamba::conv_forward", [&] {
+    const scalar_t *px = x.const_data_ptr<scalar_t>(), *pw = wt.const_data_ptr<scalar_t>(),
+                   *pb = ptr<scalar_t>(bias);
+    scalar_t* po = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+      conv_forward_rows(isa, c, px, pw, pb, po, begin, end);
+    });
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> conv_backward(const Tensor& x, const Tensor& weight,
+                                                 const std::optional<Tensor>& bias, bool silu, const Tensor& gout) {
+  const ConvArgs c = conv_args(x, weight, bias, silu);
+  const int64_t isa = current_isa().load(), rows = c.L * c.Bw, parts = conv_parts(rows);
+  check_dtype(x, gout, "gout");
+  TORCH_CHECK(gout.sizes() == x.sizes() && gout.is_contiguous(), "regionmae_mamba: gout must be contiguous like x");
+  Tensor gpre = at::empty({c.L, c.Bw, c.E}, x.options());
+  Tensor gx = at::empty({c.L, c.Bw, c.E}, x.options());
+  Tensor gw_part = at::zeros({parts, c.K, c.E}, x.options());
+  Tensor gb_part = at::zeros({parts, c.E}, x.options());
+  Tensor wt = weight.t().contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "regionmae_mamba::conv_backward", [&] {
+    const scalar_t *px = x.const_data_ptr<scalar_t>(), *pw = wt.const_data_ptr<scalar_t>(),
+                   *pb = ptr<scalar_t>(bias), *pg = gout.const_data_ptr<scalar_t>();
+    scalar_t *pgp = gpre.mutable_data_ptr<scalar_t>(), *pgx = gx.mutable_data_ptr<scalar_t>(),
+             *pgw = gw_part.mutable_data_ptr<scalar_t>(), *pgb = gb_part.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p)
+        conv_backward_pre_rows(isa, c, px, pw, pb, pg, pgp, pgw + p * c.K * c.E, pgb + p * c.E, rows * p / parts,
+                               rows * (p + 1) / parts);
+    });
+    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+      conv_backward_input_rows(isa, c, pw, pgp, pgx, begin, end);
+    });
+  });
+  Tensor gw = gw_part.sum(0).t().contiguous();  // (E, K)
+  Tensor gb = bias.has_value() ? gb_part.sum(0) : at::empty({0}, x.options());
+  return {gx, gw, gb};
+}
+
 }  // namespace
 
-TORCH_LIBRARY(regionmae_scan, m) {
+TORCH_LIBRARY(regionmae_mamba, m) {
   m.def(
-      "forward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, int chunk, "
+      "scan_forward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, int chunk, "
       "bool save_checkpoints) -> (Tensor, Tensor)");
   m.def(
-      "backward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor ckpt, "
+      "scan_backward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor ckpt, "
       "Tensor gout, int chunk) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("conv_forward(Tensor x, Tensor weight, Tensor? bias, bool silu) -> Tensor");
+  m.def("conv_backward(Tensor x, Tensor weight, Tensor? bias, bool silu, Tensor gout) -> (Tensor, Tensor, Tensor)");
   m.def("isa(int force=-1) -> str", &scan_isa);
 }
 
-TORCH_LIBRARY_IMPL(regionmae_scan, CPU, m) {
-  m.impl("forward", &scan_forward);
-  m.impl("backward", &scan_backward);
+TORCH_LIBRARY_IMPL(regionmae_mamba, CPU, m) {
+  m.impl("scan_forward", &scan_forward);
+  m.impl("scan_backward", &scan_backward);
+  m.impl("conv_forward", &conv_forward);
+  m.impl("conv_backward", &conv_backward);
 }
