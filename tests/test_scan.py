@@ -268,6 +268,27 @@ def test_thread_count_does_not_change_results(ops):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_without_a_compiler_the_model_runs_on_the_torch_code(tmp_path):
+    """A real failed build (no compiler) in a fresh process: one warning, the PyTorch code, exit status 0."""
+    import os
+    import subprocess
+
+    code = ("import torch; from bids_regionmae.models import create_mae, get_spec; "
+            "from bids_regionmae.models.cpu_kernels import kernel_status; "
+            "spec = get_spec('tiny', depths=(1, 1)); mae = create_mae(spec, backend='torch'); "
+            "x = torch.randn((1, 1) + spec.img_size); m = torch.zeros((1,) + spec.token_grid, dtype=torch.bool); "
+            "mae(x, m).sum().backward(); mae(x, m); print(kernel_status())")
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
+           "OMP_NUM_THREADS": "1"}
+    env.pop(ENV_VAR, None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    expected = f"torch (RuntimeError: no C++ compiler: '{env['CXX']}' is not on PATH (set CXX or install g++))"
+    assert proc.stdout.strip() == expected
+    assert proc.stderr.count("could not be built or loaded") == 1, proc.stderr[-2000:]
+    assert "!! WARNING" not in proc.stderr  # no compiler check of torch's own either
+
+
 def test_build_directory_follows_torch_extensions_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     folder = cpu_kernels.build_directory()

@@ -143,6 +143,9 @@ def build(verbose: bool = False) -> Path:
     folder = build_directory()
     library = folder / f"{folder.name}.so"
     if not (folder / _DONE).is_file():
+        compiler = os.environ.get("CXX", "c++")
+        if shutil.which(compiler) is None:
+            raise RuntimeError(f"no C++ compiler: {compiler!r} is not on PATH (set CXX or install g++)")
         from torch.utils import cpp_extension
 
         folder.mkdir(parents=True, exist_ok=True)
@@ -160,6 +163,15 @@ def build(verbose: bool = False) -> Path:
     return library
 
 
+def _first_cause(message: str) -> str:
+    """The line of a build log that says what went wrong (compiler missing, first error), shortened."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for line in lines:
+        if ("error" in line.lower() or "not found" in line) and not line.startswith("Error building extension"):
+            return line[:300]
+    return lines[-1][:300] if lines else "unknown error"
+
+
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[Any, str | None]:
     """The ``torch.ops.regionmae_mamba`` namespace, or None and why not (warns once)."""
@@ -168,7 +180,7 @@ def _load() -> tuple[Any, str | None]:
         ops = torch.ops.regionmae_mamba
         ops.scan_forward  # noqa: B018  (raises when the library registered nothing)
     except Exception as exc:  # compiler missing, build error, read-only cache, foreign platform...
-        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        reason = f"{type(exc).__name__}: {_first_cause(str(exc))}"
         logger.warning(
             "The fused CPU kernels of the Mamba block could not be built or loaded (%s); using the PyTorch "
             "code, which is slower and needs more memory. They need a C++ compiler (e.g. Debian's g++) and a "
