@@ -18,8 +18,9 @@ the CPU has. Inputs are float32 or float64 (callers cast bfloat16/float16 to
 float32); results agree with the PyTorch code to float32 rounding (float64:
 to 1e-14).
 
-Build: :func:`torch.utils.cpp_extension.load` compiles ``csrc/mamba_cpu.cpp``
-the first time a process needs it (about 10-20 s on 2 cores, needs a C++
+Build: :func:`torch.utils.cpp_extension.load` compiles ``csrc/`` (the ATen
+glue and one file of kernels per instruction set, in parallel) the first time
+a process needs it (about 10-20 s on 2 cores, needs a C++
 compiler; ``ninja`` is a dependency) into a folder named after a hash of the
 sources, the torch version and the flags, under ``$TORCH_EXTENSIONS_DIR`` or
 torch's per-user cache (``~/.cache/torch_extensions``). Later processes load
@@ -59,7 +60,8 @@ CHUNK = 16
 MAX_STATE = 64
 
 _CSRC = Path(__file__).resolve().with_name("csrc")
-_SOURCES = ("mamba_cpu.cpp", "scan_kernel.h", "conv_kernel.h")
+_SOURCES = ("mamba_cpu.cpp", "kernels_generic.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp")  # compiled
+_HEADERS = ("kernels.h", "scan_kernel.h", "conv_kernel.h")
 _DONE = "built.ok"  # written after a build loaded once; its presence lets later processes skip the build
 
 
@@ -76,7 +78,7 @@ def _flags() -> tuple[list[str], list[str]]:
 def extension_name() -> str:
     """Name of the extension: a hash of its sources, the torch/Python versions and the flags."""
     digest = hashlib.sha256()
-    for name in _SOURCES:
+    for name in _SOURCES + _HEADERS:
         digest.update((_CSRC / name).read_bytes())
     digest.update(f"{torch.__version__}|{sys.version_info[:2]}|{sysconfig.get_platform()}|{_flags()}".encode())
     return f"regionmae_mamba_{digest.hexdigest()[:12]}"
@@ -154,7 +156,7 @@ def build(verbose: bool = False) -> Path:
             if not (folder / _DONE).is_file():  # another process may have built it while we waited
                 _ninja_on_path()
                 cpp_extension.load(
-                    name=folder.name, sources=[str(_CSRC / _SOURCES[0])], extra_cflags=cflags,
+                    name=folder.name, sources=[str(_CSRC / name) for name in _SOURCES], extra_cflags=cflags,
                     extra_ldflags=ldflags, build_directory=str(folder), is_python_module=False, verbose=verbose,
                 )
                 (folder / _DONE).write_text(f"{torch.__version__}\n", encoding="utf-8")

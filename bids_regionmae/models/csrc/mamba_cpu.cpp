@@ -22,47 +22,19 @@
 #include <tuple>
 #include <vector>
 
-// One copy of the kernels per instruction set; the best one the CPU supports runs.
-#define SCAN_EB 4
-#define SCAN_KERNEL_NS scan_generic
-#include "scan_kernel.h"
-#include "conv_kernel.h"
-#undef SCAN_KERNEL_NS
-#undef SCAN_EB
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define REGIONMAE_SCAN_X86 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#define SCAN_EB 8
-#define SCAN_KERNEL_NS scan_avx2
-#include "scan_kernel.h"
-#include "conv_kernel.h"
-#undef SCAN_KERNEL_NS
-#undef SCAN_EB
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx2,fma")
-#define SCAN_EB 16
-#define SCAN_KERNEL_NS scan_avx512
-#include "scan_kernel.h"
-#include "conv_kernel.h"
-#undef SCAN_KERNEL_NS
-#undef SCAN_EB
-#pragma GCC pop_options
-#endif
+#include "kernels.h"
 
 namespace {
 
 using at::Tensor;
 typedef RegionmaeScanArgs Args;
-constexpr int64_t MAXN = scan_generic::MAXN;
+constexpr int64_t MAXN = kRegionmaeMaxState;
 
 enum Isa : int64_t { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
 const char* const kIsaNames[] = {"generic", "avx2", "avx512"};
 
 bool isa_supported(int64_t isa) {
-#ifdef REGIONMAE_SCAN_X86
+#ifdef REGIONMAE_X86
   if (isa == kAvx512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
   if (isa == kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
@@ -74,7 +46,13 @@ std::atomic<int64_t>& current_isa() {
   return isa;
 }
 
-int64_t lanes(int64_t isa) { return isa == kAvx512 ? 16 : isa == kAvx2 ? 8 : 4; }
+int64_t lanes(int64_t isa) {
+#ifdef REGIONMAE_X86
+  if (isa == kAvx512) return scan_avx512::lanes();
+  if (isa == kAvx2) return scan_avx2::lanes();
+#endif
+  return scan_generic::lanes();
+}
 
 // The instruction set in use; `force` >= 0 selects another one the CPU supports (tests, benchmarks).
 std::string scan_isa(int64_t force) {
@@ -90,57 +68,57 @@ std::string scan_isa(int64_t force) {
 template <typename T>
 void forward_items(int64_t isa, const Args& d, const T* u, const T* delta, const T* At, const T* B, const T* C,
                    const T* D, const T* z, T* out, T* ckpt, int64_t begin, int64_t end) {
-#ifdef REGIONMAE_SCAN_X86
-  if (isa == kAvx512) return scan_avx512::forward_items(d, u, delta, At, B, C, D, z, out, ckpt, begin, end);
-  if (isa == kAvx2) return scan_avx2::forward_items(d, u, delta, At, B, C, D, z, out, ckpt, begin, end);
+#ifdef REGIONMAE_X86
+  if (isa == kAvx512) return scan_avx512::scan_forward(d, u, delta, At, B, C, D, z, out, ckpt, begin, end);
+  if (isa == kAvx2) return scan_avx2::scan_forward(d, u, delta, At, B, C, D, z, out, ckpt, begin, end);
 #endif
-  scan_generic::forward_items(d, u, delta, At, B, C, D, z, out, ckpt, begin, end);
+  scan_generic::scan_forward(d, u, delta, At, B, C, D, z, out, ckpt, begin, end);
 }
 
 template <typename T>
 void backward_items(int64_t isa, const Args& d, const T* u, const T* delta, const T* At, const T* B, const T* C,
                     const T* D, const T* z, const T* ckpt, const T* gout, T* gu, T* gdelta, T* gz, T* gB, T* gC,
                     T* gA_part, T* gD_part, int64_t groups, int64_t per_group, int64_t begin, int64_t end) {
-#ifdef REGIONMAE_SCAN_X86
+#ifdef REGIONMAE_X86
   if (isa == kAvx512)
-    return scan_avx512::backward_items(d, u, delta, At, B, C, D, z, ckpt, gout, gu, gdelta, gz, gB, gC, gA_part,
+    return scan_avx512::scan_backward(d, u, delta, At, B, C, D, z, ckpt, gout, gu, gdelta, gz, gB, gC, gA_part,
                                        gD_part, groups, per_group, begin, end);
   if (isa == kAvx2)
-    return scan_avx2::backward_items(d, u, delta, At, B, C, D, z, ckpt, gout, gu, gdelta, gz, gB, gC, gA_part,
+    return scan_avx2::scan_backward(d, u, delta, At, B, C, D, z, ckpt, gout, gu, gdelta, gz, gB, gC, gA_part,
                                      gD_part, groups, per_group, begin, end);
 #endif
-  scan_generic::backward_items(d, u, delta, At, B, C, D, z, ckpt, gout, gu, gdelta, gz, gB, gC, gA_part, gD_part,
+  scan_generic::scan_backward(d, u, delta, At, B, C, D, z, ckpt, gout, gu, gdelta, gz, gB, gC, gA_part, gD_part,
                                groups, per_group, begin, end);
 }
 
 template <typename T>
 void conv_forward_rows(int64_t isa, const RegionmaeConvArgs& c, const T* x, const T* wt, const T* bias, T* out,
                        int64_t r0, int64_t r1) {
-#ifdef REGIONMAE_SCAN_X86
-  if (isa == kAvx512) return scan_avx512::conv_forward_rows(c, x, wt, bias, out, r0, r1);
-  if (isa == kAvx2) return scan_avx2::conv_forward_rows(c, x, wt, bias, out, r0, r1);
+#ifdef REGIONMAE_X86
+  if (isa == kAvx512) return scan_avx512::conv_forward(c, x, wt, bias, out, r0, r1);
+  if (isa == kAvx2) return scan_avx2::conv_forward(c, x, wt, bias, out, r0, r1);
 #endif
-  scan_generic::conv_forward_rows(c, x, wt, bias, out, r0, r1);
+  scan_generic::conv_forward(c, x, wt, bias, out, r0, r1);
 }
 
 template <typename T>
 void conv_backward_pre_rows(int64_t isa, const RegionmaeConvArgs& c, const T* x, const T* wt, const T* bias,
                             const T* gout, T* gpre, T* gw_part, T* gb_part, int64_t r0, int64_t r1) {
-#ifdef REGIONMAE_SCAN_X86
-  if (isa == kAvx512) return scan_avx512::conv_backward_pre_rows(c, x, wt, bias, gout, gpre, gw_part, gb_part, r0, r1);
-  if (isa == kAvx2) return scan_avx2::conv_backward_pre_rows(c, x, wt, bias, gout, gpre, gw_part, gb_part, r0, r1);
+#ifdef REGIONMAE_X86
+  if (isa == kAvx512) return scan_avx512::conv_backward_pre(c, x, wt, bias, gout, gpre, gw_part, gb_part, r0, r1);
+  if (isa == kAvx2) return scan_avx2::conv_backward_pre(c, x, wt, bias, gout, gpre, gw_part, gb_part, r0, r1);
 #endif
-  scan_generic::conv_backward_pre_rows(c, x, wt, bias, gout, gpre, gw_part, gb_part, r0, r1);
+  scan_generic::conv_backward_pre(c, x, wt, bias, gout, gpre, gw_part, gb_part, r0, r1);
 }
 
 template <typename T>
 void conv_backward_input_rows(int64_t isa, const RegionmaeConvArgs& c, const T* wt, const T* gpre, T* gx, int64_t r0,
                               int64_t r1) {
-#ifdef REGIONMAE_SCAN_X86
-  if (isa == kAvx512) return scan_avx512::conv_backward_input_rows(c, wt, gpre, gx, r0, r1);
-  if (isa == kAvx2) return scan_avx2::conv_backward_input_rows(c, wt, gpre, gx, r0, r1);
+#ifdef REGIONMAE_X86
+  if (isa == kAvx512) return scan_avx512::conv_backward_input(c, wt, gpre, gx, r0, r1);
+  if (isa == kAvx2) return scan_avx2::conv_backward_input(c, wt, gpre, gx, r0, r1);
 #endif
-  scan_generic::conv_backward_input_rows(c, wt, gpre, gx, r0, r1);
+  scan_generic::conv_backward_input(c, wt, gpre, gx, r0, r1);
 }
 
 // Row stride of an (L, Bw, X) tensor whose rows t * Bw + b are evenly spaced with contiguous values.

@@ -1,10 +1,10 @@
 // Fused selective scan: the per-block kernels, in plain C++ with GCC/Clang vector extensions (no ATen).
 //
-// selective_scan.cpp includes this header several times, inside different
-// namespaces (SCAN_KERNEL_NS), with different vector widths (SCAN_EB lanes)
-// and, on x86-64 with GCC, under different target options (baseline, AVX2+FMA,
-// AVX-512); the caller picks the copy the CPU supports at run time. The header
-// therefore includes nothing itself.
+// Each kernels_<isa>.cpp includes this header inside its own namespace
+// (SCAN_KERNEL_NS), with its vector width (SCAN_EB lanes) and, on x86-64 with
+// GCC, its target options (baseline, AVX2+FMA, AVX-512); mamba_cpu.cpp picks
+// the copy the CPU supports at run time. It includes nothing itself (kernels.h
+// comes first, outside the target options).
 //
 // Per channel e and state n (time-major rows r = t * Bw + b):
 //   h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t,   y_t = <C_t, h_t> + D u_t,   out_t = y_t silu(z_t)
@@ -18,20 +18,11 @@
 // adjacent sequences are adjacent), which keeps memory access sequential.
 // forward_items and backward_items run a thread's share of the work.
 
-#ifndef REGIONMAE_SCAN_ARGS
-#define REGIONMAE_SCAN_ARGS
-// Sizes and row strides, shared by every copy of the kernels.
-struct RegionmaeScanArgs {
-  int64_t L, Bw, E, N, chunk;
-  int64_t ld_u, ld_delta, ld_B, ld_C, ld_z;
-};
-#endif
-
 namespace SCAN_KERNEL_NS {
 
 typedef ::RegionmaeScanArgs Args;
 constexpr int64_t EB = SCAN_EB;  // channels per block: one vector register of float (SSE2/NEON 4, AVX2 8, AVX-512 16)
-constexpr int64_t MAXN = 64;     // largest state size N handled (a multiple of EB)
+constexpr int64_t MAXN = kRegionmaeMaxState;  // largest state size N handled (a multiple of EB)
 #ifndef SCAN_TILE_FWD
 #define SCAN_TILE_FWD 512
 #endif
