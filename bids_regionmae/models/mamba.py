@@ -425,13 +425,14 @@ def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     Returns
     -------
     Tensor, shape (L, Bw, E)
-        In the dtype ``x`` and ``weight`` promote to.
+        In the dtype ``x``, ``weight`` and ``bias`` promote to.
     """
     L = x.shape[0]
     K = weight.shape[-1]
     w = weight.reshape(weight.shape[0], K)
     if x.device.type == "cpu" and fused_ops() is not None:
         dtype = torch.promote_types(x.dtype, weight.dtype)
+        dtype = dtype if bias is None else torch.promote_types(dtype, bias.dtype)
         work = torch.float64 if dtype == torch.float64 else torch.float32
         with torch.autocast("cpu", enabled=False):
             out = FusedCausalConv.apply(x.to(work), w.to(work), None if bias is None else bias.to(work), silu)
@@ -554,7 +555,7 @@ class Mamba(nn.Module):
         return dt, B, C
 
     def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
-        """Pure-PyTorch path; ``x`` is time-major (L, Bw, C)."""
+        """The ``"torch"`` backend (fused CPU kernels or PyTorch code); ``x`` is time-major (L, Bw, C)."""
         xz = self.in_proj(x)
         xi, z = xz.chunk(2, dim=-1)
         xc = causal_depthwise_conv(xi, self.conv1d.weight, self.conv1d.bias, silu=True)
