@@ -2,8 +2,8 @@
 """Time forward + backward of the masked autoencoder per sample, for every backend and device.
 
 Each (device, backend) pair runs in its own subprocess so that the CPU peak
-memory (``ru_maxrss``) belongs to that configuration alone; on CUDA the peak
-is ``torch.cuda.max_memory_allocated``.
+memory (``VmHWM``) belongs to that configuration alone; on CUDA the peak is
+``torch.cuda.max_memory_allocated``.
 
 ``--compare-scan`` instead compares, in one process and alternating, the
 PyTorch code of the Mamba block on CPU (``REGIONMAE_CPU_KERNELS=0``) with the
@@ -87,6 +87,22 @@ def configurations(device_arg: str, backend_arg: str) -> list[tuple[str, str]]:
     return out
 
 
+def _peak_rss_gb() -> tuple[float, str]:
+    """Peak resident memory of this process in GiB, and where it comes from.
+
+    ``VmHWM`` (Linux) belongs to this program alone; ``ru_maxrss`` survives
+    ``exec`` and so includes the parent's memory at ``fork`` time.
+    """
+    try:
+        with open("/proc/self/status", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20, "VmHWM"  # kB -> GiB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "ru_maxrss"
+
+
 def run_single(args: argparse.Namespace, device_name: str, backend: str) -> dict:
     """Measure one configuration in this process."""
     import torch
@@ -134,8 +150,7 @@ def run_single(args: argparse.Namespace, device_name: str, backend: str) -> dict
         peak_gb = torch.cuda.max_memory_allocated() / 2**30
         peak_kind = "cuda max_memory_allocated"
     else:
-        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
-        peak_kind = "ru_maxrss"
+        peak_gb, peak_kind = _peak_rss_gb()
     f, b = min(fwd), min(bwd)
     return {
         "variant": spec.name, "device": device_name, "backend": backend, "batch": args.batch,

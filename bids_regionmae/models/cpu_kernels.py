@@ -87,7 +87,7 @@ def extension_name() -> str:
 def build_directory() -> Path:
     """Folder the extension is built in: ``$TORCH_EXTENSIONS_DIR`` or torch's per-user cache, then the name."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if not root:
+    if not root:  # what torch.utils.cpp_extension.get_default_build_root gives, without importing setuptools
         import torch._appdirs
 
         root = torch._appdirs.user_cache_dir(appname="torch_extensions")
@@ -117,15 +117,19 @@ def _build_lock(folder: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _ninja_on_path() -> None:
-    """Make the ``ninja`` of the ``ninja`` package reachable when the venv's bin folder is not on PATH."""
-    if shutil.which("ninja"):
-        return
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """Put the ``ninja`` of the ``ninja`` package on PATH (the venv's bin folder may not be there) for a build."""
+    path = os.environ.get("PATH", "")
+    if shutil.which("ninja") is None:
+        with contextlib.suppress(ImportError):
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
     try:
-        import ninja
-    except ImportError:
-        return
-    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        yield
+    finally:
+        os.environ["PATH"] = path
 
 
 def build(verbose: bool = False) -> Path:
@@ -144,7 +148,11 @@ def build(verbose: bool = False) -> Path:
     """
     folder = build_directory()
     library = folder / f"{folder.name}.so"
-    if not (folder / _DONE).is_file():
+
+    def built() -> bool:
+        return (folder / _DONE).is_file() and library.is_file()
+
+    if not built():
         compiler = os.environ.get("CXX", "c++")
         if shutil.which(compiler) is None:
             raise RuntimeError(f"no C++ compiler: {compiler!r} is not on PATH (set CXX or install g++)")
@@ -153,12 +161,12 @@ def build(verbose: bool = False) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         cflags, ldflags = _flags()
         with _build_lock(folder):
-            if not (folder / _DONE).is_file():  # another process may have built it while we waited
-                _ninja_on_path()
-                cpp_extension.load(
-                    name=folder.name, sources=[str(_CSRC / name) for name in _SOURCES], extra_cflags=cflags,
-                    extra_ldflags=ldflags, build_directory=str(folder), is_python_module=False, verbose=verbose,
-                )
+            if not built():  # another process may have built it while we waited
+                with _ninja_on_path():
+                    cpp_extension.load(
+                        name=folder.name, sources=[str(_CSRC / name) for name in _SOURCES], extra_cflags=cflags,
+                        extra_ldflags=ldflags, build_directory=str(folder), is_python_module=False, verbose=verbose,
+                    )
                 (folder / _DONE).write_text(f"{torch.__version__}\n", encoding="utf-8")
                 return library
     torch.ops.load_library(str(library))

@@ -258,8 +258,14 @@ ConvArgs conv_args(const Tensor& x, const Tensor& weight, const std::optional<Te
   return ConvArgs{L, Bw, E, weight.size(1), row_stride(x, L, Bw, E, "x"), silu};
 }
 
-// Row ranges for `parts` fixed pieces (partial sums do not depend on the thread count).
-int64_t conv_parts(int64_t rows) { return std::max<int64_t>(1, std::min<int64_t>(rows, 64)); }
+// Rows per thread at least: about 32768 values, the grain of ATen's elementwise kernels.
+int64_t conv_grain(const ConvArgs& c) { return std::max<int64_t>(1, 32768 / c.E); }
+
+// Row ranges for the weight and bias gradients: fixed pieces of at least a grain each, one partial sum
+// per piece (the sums depend on the sizes only, not on the thread count).
+int64_t conv_parts(const ConvArgs& c) {
+  return std::max<int64_t>(1, std::min<int64_t>(64, c.L * c.Bw / conv_grain(c)));
+}
 
 Tensor conv_forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, bool silu) {
   const ConvArgs c = conv_args(x, weight, bias, silu);
@@ -270,7 +276,7 @@ Tensor conv_forward(const Tensor& x, const Tensor& weight, const std::optional<T
     const scalar_t *px = x.const_data_ptr<scalar_t>(), *pw = wt.const_data_ptr<scalar_t>(),
                    *pb = ptr<scalar_t>(bias);
     scalar_t* po = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, conv_grain(c), [&](int64_t begin, int64_t end) {
       conv_forward_rows(isa, c, px, pw, pb, po, begin, end);
     });
   });
@@ -280,7 +286,7 @@ Tensor conv_forward(const Tensor& x, const Tensor& weight, const std::optional<T
 std::tuple<Tensor, Tensor, Tensor> conv_backward(const Tensor& x, const Tensor& weight,
                                                  const std::optional<Tensor>& bias, bool silu, const Tensor& gout) {
   const ConvArgs c = conv_args(x, weight, bias, silu);
-  const int64_t isa = current_isa().load(), rows = c.L * c.Bw, parts = conv_parts(rows);
+  const int64_t isa = current_isa().load(), rows = c.L * c.Bw, parts = conv_parts(c);
   check_dtype(x, gout, "gout");
   TORCH_CHECK(gout.sizes() == x.sizes() && gout.is_contiguous(), "regionmae_mamba: gout must be contiguous like x");
   Tensor gpre = at::empty({c.L, c.Bw, c.E}, x.options());
@@ -298,7 +304,7 @@ std::tuple<Tensor, Tensor, Tensor> conv_backward(const Tensor& x, const Tensor& 
         conv_backward_pre_rows(isa, c, px, pw, pb, pg, pgp, pgw + p * c.K * c.E, pgb + p * c.E, rows * p / parts,
                                rows * (p + 1) / parts);
     });
-    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, conv_grain(c), [&](int64_t begin, int64_t end) {
       conv_backward_input_rows(isa, c, pw, pgp, pgx, begin, end);
     });
   });
