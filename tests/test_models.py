@@ -232,14 +232,15 @@ def test_patch_embedding_merging_and_expanding_layouts():
 
 
 def _naive_scan(u, delta, A, B, C, D, z):
-    """Straightforward per-step reference (autograd through a Python loop)."""
+    """Straightforward per-step reference (autograd through a Python loop); D and z may be None."""
     L, Bw, E = u.shape
     h = torch.zeros(Bw, E, A.shape[1], dtype=u.dtype)
     ys = []
     for t in range(L):
         h = torch.exp(delta[t, :, :, None] * A) * h + (delta[t] * u[t])[:, :, None] * B[t, :, None, :]
         ys.append((h * C[t, :, None, :]).sum(-1))
-    return (torch.stack(ys) + u * D) * F.silu(z)
+    y = torch.stack(ys) if D is None else torch.stack(ys) + u * D
+    return y if z is None else y * F.silu(z)
 
 
 def _scan_args(L, Bw, E, N, dtype, seed=0):

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from test_models import _naive_scan
 
 from bids_regionmae.models import cpu_kernels, selective_scan
 from bids_regionmae.models.cpu_kernels import ENV_VAR, FusedCausalConv, FusedSelectiveScan, kernel_status
@@ -17,19 +18,6 @@ from bids_regionmae.models.mamba import Mamba, _SelectiveScan, causal_depthwise_
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 HAVE_COMPILER = sys.platform.startswith("linux") and any(shutil.which(c) for c in ("c++", "g++"))
-
-
-def _naive_scan(u, delta, A, B, C, D, z):
-    """Straightforward per-step reference (autograd through a Python loop); D and z may be None."""
-    L, Bw, E = u.shape
-    h = torch.zeros(Bw, E, A.shape[1], dtype=u.dtype)
-    ys = []
-    for t in range(L):
-        h = torch.exp(delta[t, :, :, None] * A) * h + (delta[t] * u[t])[:, :, None] * B[t, :, None, :]
-        ys.append((h * C[t, :, None, :]).sum(-1))
-    y = torch.stack(ys)
-    y = y if D is None else y + u * D
-    return y if z is None else y * F.silu(z)
 
 
 def _args(L, Bw, E, N, dtype=torch.float64, seed=0, D=True, z=True):

@@ -20,7 +20,7 @@ to 1e-14).
 
 Build: :func:`torch.utils.cpp_extension.load` compiles ``csrc/`` (the ATen
 glue and one file of kernels per instruction set, in parallel) the first time
-a process needs it (about 10-20 s on 2 cores, needs a C++
+a process needs it (about 15 s of CPU, 25 s on 2 busy cores; needs a C++
 compiler; ``ninja`` is a dependency) into a folder named after a hash of the
 sources, the torch version and the flags, under ``$TORCH_EXTENSIONS_DIR`` or
 torch's per-user cache (``~/.cache/torch_extensions``). Later processes load

@@ -259,31 +259,22 @@ void backward_tile(const Args& d, const T* u, const T* delta, const T* At, const
         V* hj = h + j * N;
         V* ek = ebuf + (k * K + j) * N;
         V* qk = qbuf + (k * K + j) * N;
+        V y = Dv[j] * uu;
+        for (int64_t n = 0; n < N; ++n) {
+          const V e = vexp2(dt * aj[n]);
+          const V q = e * hj[n];
+          ek[n] = e;
+          qk[n] = q;
+          hj[n] = q + du * Bt[n];
+          y += Ct[n] * hj[n];
+        }
         if (z != nullptr) {
-          V y = Dv[j] * uu;
-          for (int64_t n = 0; n < N; ++n) {
-            const V e = vexp2(dt * aj[n]);
-            const V q = e * hj[n];
-            ek[n] = e;
-            qk[n] = q;
-            hj[n] = q + du * Bt[n];
-            y += Ct[n] * hj[n];
-          }
           const V zz = load(z + row * d.ld_z + e0, ne);
           const V sg = sigmoid<T>(zz);
           store(gz + row * E + e0, g * y * sg * (one + zz * (one - sg)), ne);  // silu' = sg (1 + z (1 - sg))
           g *= zz * sg;
-          for (int64_t n = 0; n < N; ++n) acc[n] += hj[n] * g;
-        } else {
-          for (int64_t n = 0; n < N; ++n) {
-            const V e = vexp2(dt * aj[n]);
-            const V q = e * hj[n];
-            ek[n] = e;
-            qk[n] = q;
-            hj[n] = q + du * Bt[n];
-            acc[n] += hj[n] * g;
-          }
         }
+        for (int64_t n = 0; n < N; ++n) acc[n] += hj[n] * g;
         gbuf[k * K + j] = g;
         if (tl.last[j]) {  // g_C of this row: sum over the lanes of its blocks
           add_lane_sums(gC[j] + row * N, acc, N);
