@@ -20,7 +20,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
-#include <vector>
+#include <utility>
 
 #include "kernels.h"
 
