@@ -197,3 +197,23 @@ def test_failed_runs_exit_1_and_are_reported(tmp_path, capsys):
     assert (out / "dataset_description.json").is_file()
     assert sorted(p.name for p in (out / "logs").glob("regionmae_participant_*.toml"))
     assert not list(out.glob("sub-*/func/*_desc-modelready_bold.npy"))
+
+
+@pytest.mark.parametrize("level, stage, extra", [
+    ("participant", "preprocess", []),
+    ("participant", "predict", ["--model", "models/x"]),
+    ("group", "pretrain", []),
+    ("group", "finetune", ["--target", "diagnosis"]),
+    ("group", "compare", ["--target", "diagnosis"]),
+])
+def test_cuda_without_a_gpu_is_the_same_usage_error_in_every_stage(tmp_path, capsys, level, stage, extra):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    bids = _minimal_derivative(tmp_path / "in")
+    out = tmp_path / "out"
+    code = main([str(bids), str(out), level, "--stage", stage, "--device", "cuda", *extra])
+    err = capsys.readouterr().err
+    assert code == 64 and "--device cuda: torch sees no CUDA device" in err and "--device cpu" in err
+    assert not out.exists()  # refused before anything is written

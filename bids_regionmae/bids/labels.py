@@ -23,6 +23,7 @@ conflicting duplicate rows, or no row at all are excluded with the reason.
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from collections import Counter
 from collections.abc import Iterable
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from bids_regionmae.errors import InputDataError, InputMissingError, UsageError
+
+LOGGER = logging.getLogger(__name__)
 
 MISSING_VALUES = frozenset({"", "n/a", "na", "nan", "null", "none"})
 ID_COLUMNS = ("participant_id", "participant", "subject_id", "subject", "sub", "scandir id", "id")
@@ -373,3 +376,24 @@ def load_labels(*candidates: str | Path, target: str, group_column: str | None =
         else:
             values[pid] = value
     return Labels(values, detected, list(classes), groups, excluded, path, target)
+
+
+def label_tables(bids_dir: str | Path, *, derivatives: dict[str, str] | None = None, phenotype: str | None = None,
+                 skip_validation: bool = False) -> list[Path]:
+    """Tables that may hold a target column, in order: ``--phenotype``, the raw then the fMRIPrep ``participants.tsv``.
+
+    ``bids_dir/participants.tsv`` is added last when it is not among them.
+    """
+    from bids_regionmae.bids.discover import locate_fmriprep
+    from bids_regionmae.errors import ValidationError
+
+    try:
+        fmriprep_dir, raw_dir = locate_fmriprep(bids_dir, derivatives or None, skip_validation=skip_validation)
+    except (InputMissingError, ValidationError) as exc:
+        LOGGER.debug("no fMRIPrep dataset located (%s): looking for participants.tsv in bids_dir", exc)
+        fmriprep_dir, raw_dir = Path(bids_dir), None
+    candidates = participants_file_candidates(fmriprep_dir, raw_dir, phenotype)
+    bids_table = Path(bids_dir) / "participants.tsv"
+    if bids_table not in candidates:
+        candidates.append(bids_table)
+    return candidates

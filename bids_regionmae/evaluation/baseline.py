@@ -33,7 +33,7 @@ import numpy as np
 
 from ..errors import InputDataError, UsageError
 from .labels import encode_labels
-from .metrics import compute_metrics, make_fold_result
+from .metrics import compute_metrics, log_softmax, make_fold_result
 from .splits import Split
 
 logger = logging.getLogger(__name__)
@@ -249,8 +249,7 @@ def _score(task_kind: str, y: np.ndarray, out: np.ndarray, n_classes: int | None
     else:
         logits = out
     if selection == "log_loss":
-        z = logits - logits.max(axis=1, keepdims=True)
-        log_prob = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        log_prob = log_softmax(logits, axis=1)
         return float(np.mean(log_prob[np.arange(len(y)), y]))
     if selection == "auroc" and len(np.unique(y)) == (n_classes or 2):
         return float(compute_metrics(task_kind, y, out, n_classes=n_classes)["auroc"])

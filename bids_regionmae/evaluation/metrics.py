@@ -52,9 +52,12 @@ __all__ = [
     "classification_metrics",
     "compute_metrics",
     "format_mean_sd",
+    "log_softmax",
     "make_fold_result",
     "pooled_metrics",
     "regression_metrics",
+    "sigmoid",
+    "softmax",
     "subject_labels",
     "summarise_folds",
 ]
@@ -136,10 +139,24 @@ def binary_logits(outputs: Any) -> np.ndarray:
     return out
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
+def sigmoid(x: Any) -> np.ndarray:
+    """``1 / (1 + exp(-x))`` in float64: the probability of the positive class from one logit."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
+def softmax(z: Any, axis: int = -1) -> np.ndarray:
+    """Class probabilities from logits along ``axis`` (max-shifted), float64."""
+    z = np.asarray(z, dtype=np.float64)
+    z = z - z.max(axis=axis, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def log_softmax(z: Any, axis: int = -1) -> np.ndarray:
+    """Log class probabilities from logits along ``axis`` (max-shifted), float64."""
+    z = np.asarray(z, dtype=np.float64)
+    z = z - z.max(axis=axis, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
 
 
 def _ratio(num: float, den: float) -> float:
@@ -192,7 +209,7 @@ def classification_metrics(y_true: Any, outputs: Any, n_classes: int | None = No
         tn, fp, fn, tp = (int(v) for v in cm.ravel())
         sens, spec = _ratio(tp, tp + fn), _ratio(tn, tn + fp)
         if tp + fn and tn + fp:
-            auroc = float(roc_auc_score(y, 1.0 / (1.0 + np.exp(-logit))))
+            auroc = float(roc_auc_score(y, sigmoid(logit)))
         else:
             auroc = math.nan
             logger.warning("%sall %d test subjects are of class %d: AUROC, %s are undefined (NaN).",
@@ -215,7 +232,7 @@ def classification_metrics(y_true: Any, outputs: Any, n_classes: int | None = No
         raise UsageError(f"outputs have {out.shape[1]} columns but n_classes={c}.")
     if np.any((y < 0) | (y >= c)):
         raise UsageError(f"class indices must be in 0..{c - 1}; got {sorted(set(y.tolist()))}.")
-    prob = _softmax(out)
+    prob = softmax(out, axis=1)
     pred = out.argmax(axis=1)
     cm = _confusion(y, pred, c)
     tp = np.diag(cm).astype(float)

@@ -348,6 +348,11 @@ def pooled_summary(fold_results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             for k, v in summary.items()}
 
 
+def summary_floats(summary: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """A :func:`pooled_summary` with None turned back into NaN (for comparison tables)."""
+    return {k: {kk: (math.nan if vv is None else vv) for kk, vv in v.items()} for k, v in summary.items()}
+
+
 def fold_clip_counts(data: Any, splits: Sequence[Any]) -> dict[str, dict[str, int]]:
     """Clips per partition of every split (for logs and manifests)."""
     subjects = clip_subjects(data)

@@ -21,12 +21,15 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bids_regionmae.predict.naming import group_paths
-from bids_regionmae.predict.tables import read_tsv, write_table
+from bids_regionmae.outputs.naming import group_paths
+from bids_regionmae.outputs.tables import read_tsv, write_table
+
+if TYPE_CHECKING:
+    from bids_regionmae.models.model_dir import ModelDir
 
 LOGGER = logging.getLogger(__name__)
 
@@ -106,7 +109,7 @@ def _background(output_dir: Path, participants: Sequence[str]) -> np.ndarray | N
 
 
 def write_group_outputs(output_dir: str | Path, label: str, *, model: Mapping[str, Any] | None = None,
-                        model_dir: str | Path | None = None) -> list[Path]:
+                        model_dir: ModelDir | None = None) -> list[Path]:
     """Write the group attribution summary, the group predictions table, figures and the group report.
 
     Parameters
@@ -116,7 +119,7 @@ def write_group_outputs(output_dir: str | Path, label: str, *, model: Mapping[st
         Model label.
     model : mapping, optional
         :meth:`PredictionModel.describe` output (for the report).
-    model_dir : path, optional
+    model_dir : ModelDir, optional
         The model directory (training curves and metrics are linked from it).
 
     Returns
@@ -176,21 +179,6 @@ def write_group_outputs(output_dir: str | Path, label: str, *, model: Mapping[st
     return written
 
 
-def _model_dir_files(model_dir: Path | None) -> dict[str, Path]:
-    if model_dir is None or not Path(model_dir).is_dir():
-        return {}
-    model_dir = Path(model_dir)
-    found: dict[str, Path] = {}
-    for path in sorted(model_dir.glob("*.html")):
-        found[path.name] = path
-    for path in sorted(model_dir.glob("*.json")):
-        if any(word in path.name for word in ("summary", "metrics")) and "fold" not in path.name:
-            found[path.name] = path
-    for path in sorted(model_dir.glob("figures/*.svg")) + sorted(model_dir.glob("figures/*.png")):
-        found[f"figures/{path.name}"] = path
-    return found
-
-
 def _flatten(data: Any, prefix: str = "") -> list[dict[str, Any]]:
     rows = []
     if isinstance(data, Mapping):
@@ -205,7 +193,7 @@ def _flatten(data: Any, prefix: str = "") -> list[dict[str, Any]]:
 
 def write_group_report(output_dir: str | Path, label: str, rows: Sequence[Mapping[str, Any]],
                        participants: Sequence[str], predictions: Sequence[Mapping[str, Any]], *,
-                       model: Mapping[str, Any] | None = None, model_dir: str | Path | None = None) -> Path | None:
+                       model: Mapping[str, Any] | None = None, model_dir: ModelDir | None = None) -> Path | None:
     """``group/report_<M>.html``: the model's training record, predictions and the attribution summary.
 
     Returns
@@ -220,12 +208,11 @@ def write_group_report(output_dir: str | Path, label: str, rows: Sequence[Mappin
     paths = group_paths(label, output_dir)
     report = HtmlReport(f"regionmae group report: {label}", paths["report"])
     model = dict(model or {})
-    model_dir = Path(model_dir) if model_dir else (Path(model["Directory"]) if model.get("Directory") else None)
     try:
         report.heading("Model")
         report.table([{"item": k, "value": json.dumps(v) if isinstance(v, (list, dict)) else v}
                       for k, v in model.items() if v is not None] or [{"item": "label", "value": label}])
-        files = _model_dir_files(model_dir)
+        files = model_dir.report_files() if model_dir is not None else {}
         report.heading("Training record")
         if not files:
             report.paragraph("The model directory is not available: no training curves or metrics.", kind="warn")

@@ -1,7 +1,7 @@
 """Prediction for the runs of one participant: embeddings, outputs, region error, attribution, maps.
 
 :func:`predict_run` writes the per-run files listed in
-:mod:`bids_regionmae.predict.naming`; :func:`predict_participant` runs it for
+:mod:`bids_regionmae.outputs.naming`; :func:`predict_participant` runs it for
 every run of a participant (a failing run never stops the others) and writes
 the participant-level tables (clip outputs averaged over all runs, as in
 fine-tuning; attribution pooled over runs).
@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from bids_regionmae.atlas import ModelGridAtlas
+from bids_regionmae.outputs.naming import run_output_paths, subject_paths
+from bids_regionmae.outputs.tables import write_table
 from bids_regionmae.predict.attribution import integrated_gradients, occlusion, project_onto_regions
 from bids_regionmae.predict.inference import autocast_factory, iter_run_batches, progress
 from bids_regionmae.predict.models import PredictionModel, output_names
-from bids_regionmae.predict.naming import run_output_paths, subject_paths
-from bids_regionmae.predict.tables import write_table
 
 LOGGER = logging.getLogger(__name__)
 

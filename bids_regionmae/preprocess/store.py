@@ -219,3 +219,48 @@ def find_model_ready_runs(output_dir: str | Path, subjects: list[str] | None = N
         except (ValueError, KeyError, TypeError) as exc:
             LOGGER.debug("skipping %s: %s", sidecar, exc)
     return runs
+
+
+def data_manifest(runs: list[ModelReadyRun], output_dir: str | Path, split: dict[str, str],
+                  clips_per_run: dict[str, int]) -> list[dict[str, Any]]:
+    """One row per run for a model's data manifest: entities, split, sidecar checksum, sources.
+
+    Parameters
+    ----------
+    runs : list of ModelReadyRun
+    output_dir : path
+        Sidecar paths are written relative to it.
+    split : dict of str to str
+        Participant -> ``train`` / ``validation`` (others: ``unused``).
+    clips_per_run : dict of str to int
+        Clips of each run the model saw.
+
+    Returns
+    -------
+    list of dict
+    """
+    from bids_regionmae.atomic import sha256_file
+
+    output_dir = Path(output_dir)
+    rows = []
+    for run in runs:
+        meta = run.meta
+        sources = {k: {kk: v.get(kk) for kk in ("path", "sha256", "size")}
+                   for k, v in (meta.get("sources") or {}).items() if isinstance(v, dict)}
+        sidecar = Path(run.sidecar)
+        rows.append({
+            "run_id": run.run_id,
+            "subject": run.subject,
+            "entities": run.entities,
+            "split": split.get(run.subject, "unused"),
+            "sidecar": str(sidecar.relative_to(output_dir)) if sidecar.is_relative_to(output_dir) else str(sidecar),
+            "sidecar_sha256": sha256_file(sidecar),
+            "data": str(Path(run.paths["data"]).name),
+            "data_size": Path(run.paths["data"]).stat().st_size,
+            "frames": run.n_frames,
+            "clips_used": clips_per_run.get(run.run_id, 0),
+            "repetition_time": meta.get("repetition_time"),
+            "inputs_fingerprint": meta.get("inputs_fingerprint"),
+            "sources": sources,
+        })
+    return rows

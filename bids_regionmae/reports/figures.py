@@ -1,4 +1,4 @@
-"""Orthogonal-slice figures shared by the pretraining, participant and group reports (matplotlib)."""
+"""Orthogonal-slice figures and mean images shared by the pretraining, participant and group reports."""
 
 from __future__ import annotations
 
@@ -42,3 +42,27 @@ def draw_slice_rows(fig: Any, rows: Sequence[tuple[str, np.ndarray]], center: Se
             ax.set_yticks([])
     if title:
         fig.suptitle(title)
+
+
+def mean_image(run: Any, max_frames: int = 50) -> np.ndarray:
+    """Mean image of a model-ready run on the 96^3 grid: its mean BOLD reference, else the mean of its first frames.
+
+    Parameters
+    ----------
+    run : ModelReadyRun
+    max_frames : int
+        Frames averaged when the run has no mean image file.
+
+    Returns
+    -------
+    ndarray, shape (96, 96, 96), float32
+    """
+    from pathlib import Path
+
+    path = run.paths.get("mean")
+    if path is not None and Path(path).is_file():
+        import nibabel as nib
+
+        return np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+    frames = np.asarray(run.data[: min(run.n_frames, max_frames)], dtype=np.float32)
+    return frames.mean(0)

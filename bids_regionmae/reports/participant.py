@@ -30,7 +30,7 @@ import numpy as np
 
 from bids_regionmae.atomic import atomic_write_json
 from bids_regionmae.outputs.derivatives import build_output_path
-from bids_regionmae.predict.naming import join_label
+from bids_regionmae.outputs.naming import join_label
 from bids_regionmae.reports.figures import center_of, draw_slice_rows, orthogonal_views
 from bids_regionmae.reports.html import HtmlReport, safe_figure
 
@@ -525,7 +525,7 @@ def _problems_section(report: HtmlReport, statuses: Mapping[str, Mapping[str, An
 
 
 def _model_section(report: HtmlReport, output_dir: Path, subject: str, label: str, runs: Sequence[Any]) -> None:
-    from bids_regionmae.predict.tables import read_tsv
+    from bids_regionmae.outputs.tables import read_tsv
 
     subject_dir = output_dir / f"sub-{subject}"
     report.heading(f"Model {label}")
