@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -225,7 +226,7 @@ def test_scored_subjects_outside_the_test_set_are_refused():
     split = Split("fold-0", train=("01", "02", "03"), val=("04",), test=("05", "06"))
     good = make_fold_result("fold-0", ["05", "06"], [0, 1], [-1.0, 1.0], "binary", split=split)
     check_scored_subjects([good])
-    bad = dict(good, subjects=["04", "06"])
+    bad = dataclasses.replace(good, subjects=["04", "06"])
     with pytest.raises(SplitError):
         check_scored_subjects([bad])
     with pytest.raises(SplitError):

@@ -120,6 +120,7 @@ def predicted(tmp_path_factory):
     from bids_regionmae.predict.models import load_prediction_model
     from bids_regionmae.predict.run import PredictSettings, predict_many
     from bids_regionmae.preprocess.store import find_model_ready_runs
+    from bids_regionmae.reports.group import write_group_report
 
     out = make_store(tmp_path_factory.mktemp("predict"))
     broken = next(out.glob("sub-03/func/*_desc-brain_mask.nii.gz"))
@@ -135,7 +136,8 @@ def predicted(tmp_path_factory):
     before = {p for p in out.rglob("*") if p.is_file()}
     results = predict_many(runs, model, atlas, out, settings=settings)
     created = {p for p in out.rglob("*") if p.is_file()} - before
-    write_group_outputs(out, LABEL, model=model.describe())
+    group = write_group_outputs(out, LABEL, model=model.describe())
+    write_group_report(out, LABEL, group.attribution, group.participants, group.predictions, model=model.describe())
     return {"out": out, "results": results, "created": created, "model": model, "atlas": atlas,
             "pretrain_dir": pretrain_dir, "finetune_dir": finetune_dir}
 

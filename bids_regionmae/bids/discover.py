@@ -119,6 +119,29 @@ _FILTERABLE = set(RUN_ENTITIES) | {"space", "res", "den"}
 _SPACE_REASON = "space"  # reason class: runs skipped only because of their space
 
 
+class RunRow(NamedTuple):
+    """One usable run as discovery stores it in its cache (JSON: a list in this field order).
+
+    The fields are those of :class:`~bids_regionmae.bids.records.RunRecord`;
+    paths are strings here and become :class:`~pathlib.Path` in the record
+    (:func:`_record_from_row`).
+    """
+
+    subject: str
+    task: str
+    space: str
+    bold: str
+    mask: str
+    repetition_time: float
+    session: str | None
+    run: str | None
+    res: str | None
+    boldref: str | None
+    confounds: str | None
+    acquisition: str | None
+    extra: dict[str, str]
+
+
 class Skipped(NamedTuple):
     """A run (or file) discovery did not use, and why.
 
@@ -600,7 +623,7 @@ def _choose_bold(bolds: list[FileEntry], prefs: list[tuple[str, str | None]]) ->
 
 
 def _assemble(ctx: _Context, group: list[FileEntry], prefs: list[tuple[str, str | None]],
-              space_filters: Mapping[str, Any]) -> list[Any] | tuple[Skipped, str]:
+              space_filters: Mapping[str, Any]) -> RunRow | tuple[Skipped, str]:
     """Pick and check the files of one run: a record row, or (Skipped, reason class)."""
     bolds = [f for f in group if f.kind == KIND_BOLD]
     if not bolds:
@@ -687,16 +710,17 @@ def _assemble(ctx: _Context, group: list[FileEntry], prefs: list[tuple[str, str 
 
     ents = bold.entities
     extra = {name: ents[name] for name in EXTRA_ENTITIES if ents.get(name)}
-    # Same order as _RECORD_FIELDS; turned into a RunRecord by _record_from_list.
-    return [ents["subject"], ents["task"], ents["space"], bold_path, mask_path, float(tr),
-            ents.get("session"), ents.get("run"), ents.get("res"),
-            ctx.path(boldrefs[0]) if boldrefs else None,
-            ctx.path(confounds[0]) if confounds else None, format_extra(ents), extra]
+    return RunRow(subject=ents["subject"], task=ents["task"], space=ents["space"], bold=bold_path, mask=mask_path,
+                  repetition_time=float(tr), session=ents.get("session"), run=ents.get("run"), res=ents.get("res"),
+                  boldref=ctx.path(boldrefs[0]) if boldrefs else None,
+                  confounds=ctx.path(confounds[0]) if confounds else None, acquisition=format_extra(ents),
+                  extra=extra)
 
 
-def _sort_key(row: list[Any]) -> tuple:
-    subject, task, run, session, acq = row[0], row[1], row[7], row[6], row[11]
-    return (subject, session or "", task, acq or "", int(run) if run and run.isdigit() else 0, run or "")
+def _sort_key(row: RunRow) -> tuple:
+    run = row.run
+    return (row.subject, row.session or "", row.task, row.acquisition or "", int(run) if run and run.isdigit() else 0,
+            run or "")
 
 
 def discover_runs(bids_dir: str | Path, config: Any, work_dir: str | Path | None = None, *,
@@ -768,7 +792,7 @@ def discover_runs(bids_dir: str | Path, config: Any, work_dir: str | Path | None
         save_results(work_dir, index, results)
 
     dirs: dict[str, Path] = {}
-    runs = [_record_from_list(row, dirs) for row in payload["runs"]]
+    runs = [_record_from_row(RunRow(*row), dirs) for row in payload["runs"]]
     report = DiscoveryReport(skipped=[Skipped(p, r) for p, r in payload["skipped"]],
                              warnings=warnings + payload["warnings"], available=payload["available"],
                              cache=cache_status, backend=backend, n_runs=len(runs))
@@ -797,15 +821,13 @@ def _deps_unchanged(deps: Mapping[str, Any]) -> bool:
     return True
 
 
-_RECORD_FIELDS = ("subject", "task", "space", "bold", "mask", "repetition_time", "session", "run", "res",
-                  "boldref", "confounds", "acquisition", "extra")
 _PATH_FIELDS = frozenset({"bold", "mask", "boldref", "confounds"})
 
 
-def _record_from_list(row: list[Any], dirs: dict[str, Path]) -> RunRecord:
+def _record_from_row(row: RunRow, dirs: dict[str, Path]) -> RunRecord:
     """Rebuild a cached record; ``dirs`` caches directory Paths (joining a name is
     much cheaper than parsing a whole absolute path, which matters for thousands of runs)."""
-    values = dict(zip(_RECORD_FIELDS, row, strict=True))
+    values: dict[str, Any] = row._asdict()
     for name in _PATH_FIELDS:
         value = values[name]
         if value is not None:
@@ -856,7 +878,7 @@ def _discover(index: DatasetIndex, fmriprep_dir: Path, raw_dir: Path | None,
     combined = {key for key, group in selected
                 if key[echo] is None and any(f.kind == KIND_BOLD for f in group)}
     ctx = _Context(index, raw_dir, validate)
-    runs: list[list[Any]] = []
+    runs: list[RunRow] = []
     skipped: list[Skipped] = []
     reasons: dict[str, int] = {}
     echo_skipped = 0
@@ -865,7 +887,7 @@ def _discover(index: DatasetIndex, fmriprep_dir: Path, raw_dir: Path | None,
             echo_skipped += 1
             continue
         result = _assemble(ctx, group, prefs, space_filters)
-        if isinstance(result, list):
+        if isinstance(result, RunRow):
             runs.append(result)
         else:
             skipped.append(result[0])
@@ -882,11 +904,11 @@ def _discover(index: DatasetIndex, fmriprep_dir: Path, raw_dir: Path | None,
             raise NoMatchError("no selected run has a preprocessed BOLD series in the requested "
                                f"space(s).\n{details}{more}\n" + _describe_available(fmriprep_dir, available))
         raise ValidationError(f"none of the {len(selected)} selected run(s) is usable:\n{details}{more}")
-    spaces_used = sorted({r[2] for r in runs})
+    spaces_used = sorted({r.space for r in runs})
     if len(spaces_used) > 1:
         warnings.append(f"runs come from several spaces ({', '.join(spaces_used)}); each is "
                         "resampled to the model grid by its affine.")
-    n_noconf = sum(r[10] is None for r in runs)
+    n_noconf = sum(r.confounds is None for r in runs)
     if n_noconf:
         warnings.append(f"{n_noconf} run(s) have no confounds table.")
     deps = {path: (None if st is None else [st.st_size, st.st_mtime_ns])

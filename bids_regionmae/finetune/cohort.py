@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bids_regionmae.errors import UsageError
+from bids_regionmae.evaluation.metrics import FoldResult
 from bids_regionmae.finetune.task import Task, task_from_labels
 
 if TYPE_CHECKING:
@@ -170,7 +171,7 @@ def final_split(cohort: Cohort, *, val_fraction: float, seed: int) -> Split:
 
 def baseline_results(cohort: Cohort, splits: Sequence[Split], *, voxel_labels: np.ndarray,
                      label_names: Mapping[int, str], seed: int,
-                     cache: str | Path | None = None) -> list[dict[str, Any]]:
+                     cache: str | Path | None = None) -> list[FoldResult]:
     """The connectivity baseline's fold results on ``splits`` (AAL3 region means of the model-ready arrays).
 
     Parameters
@@ -194,7 +195,7 @@ def baseline_results(cohort: Cohort, splits: Sequence[Split], *, voxel_labels: n
             cached = json.loads(Path(cache).read_text(encoding="utf-8"))
             if [r.get("split") for r in cached] == wanted:
                 LOGGER.info("baseline: reusing %s", cache)
-                return cached
+                return [FoldResult.from_dict(r) for r in cached]
         except (OSError, json.JSONDecodeError):
             pass
     present = set(np.unique(voxel_labels).tolist()) - {0}
@@ -211,5 +212,5 @@ def baseline_results(cohort: Cohort, splits: Sequence[Split], *, voxel_labels: n
                                 seed=seed, class_weight="balanced" if cohort.task.is_classification else None,
                                 model_name="connectivity-baseline")
     if cache is not None:
-        atomic_write_json(cache, json.loads(json.dumps(results)))
+        atomic_write_json(cache, json.loads(json.dumps([r.to_dict() for r in results])))
     return results

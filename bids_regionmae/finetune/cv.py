@@ -48,6 +48,8 @@ import torch
 from torch import nn
 
 from bids_regionmae.atomic import atomic_write_json
+from bids_regionmae.evaluation.metrics import FoldResult
+from bids_regionmae.evaluation.splits import Split
 from bids_regionmae.finetune.data import EmbeddingSet, LabelledClips, clip_subjects, infer, subset
 from bids_regionmae.finetune.task import LossSpec, Task, class_balance
 from bids_regionmae.finetune.train import FitOutcome, fit
@@ -259,7 +261,7 @@ class Finetuner:
         model.cpu()
         return names, out.numpy()
 
-    def score(self, outcome: SplitOutcome, split: Any) -> dict[str, Any]:
+    def score(self, outcome: SplitOutcome, split: Split) -> FoldResult:
         """Fold result of the split's test participants (subject-level, :func:`make_fold_result`)."""
         from bids_regionmae.evaluation.metrics import aggregate_by_subject, make_fold_result
 
@@ -280,29 +282,29 @@ class Finetuner:
     def fold_folder(self, split: Any) -> Path:
         return self.out_dir / "folds" / split.name
 
-    def evaluate_split(self, split: Any, index: int) -> dict[str, Any]:
+    def evaluate_split(self, split: Split, index: int) -> FoldResult:
         """Train and score one split, or load its result when a previous run finished it."""
         folder = self.fold_folder(split)
         marker = folder / FOLD_RESULT
         if marker.is_file() and self.settings.resume:
-            result = json.loads(marker.read_text(encoding="utf-8"))
-            if result.get("split") == split.to_dict():
+            record = json.loads(marker.read_text(encoding="utf-8"))
+            if record.get("split") == split.to_dict():
                 LOGGER.info("split %s: already done (%s)", split.name, marker)
-                return result
+                return FoldResult.from_dict(record)
             LOGGER.warning("split %s: %s belongs to another split; training again", split.name, marker)
         outcome = self.train_split(split, index, folder)
         result = self.score(outcome, split)
         if self.info.is_main:
-            atomic_write_json(marker, _clean_json(result))
+            atomic_write_json(marker, _clean_json(result.to_dict()))
             shutil.rmtree(folder / "checkpoints", ignore_errors=True)
         return result
 
-    def cross_validate(self, splits: Sequence[Any]) -> list[dict[str, Any]]:
+    def cross_validate(self, splits: Sequence[Split]) -> list[FoldResult]:
         """Fold results of every split (see :meth:`evaluate_split`), in order."""
         results = []
         for index, split in enumerate(splits):
             results.append(self.evaluate_split(split, index))
-            shown = {k: v for k, v in results[-1]["metrics"].items() if k in ("acc", "auroc", "mae", "r2")}
+            shown = {k: v for k, v in results[-1].metrics.items() if k in ("acc", "auroc", "mae", "r2")}
             LOGGER.info("split %s done: %s", split.name, ", ".join(f"{k} {float(v):.3f}" for k, v in shown.items()))
         return results
 
@@ -324,7 +326,7 @@ def _check_disjoint(split: Any) -> None:
                                                       else "no training participant"))
 
 
-def check_scored_subjects(fold_results: Sequence[Mapping[str, Any]]) -> None:
+def check_scored_subjects(fold_results: Sequence[FoldResult]) -> None:
     """Raise when a fold scored a participant outside its test set (a leak).
 
     Raises
@@ -334,12 +336,12 @@ def check_scored_subjects(fold_results: Sequence[Mapping[str, Any]]) -> None:
     from bids_regionmae.evaluation.splits import Split, SplitError
 
     for result in fold_results:
-        split = Split.from_dict(result["split"])
-        if set(result["subjects"]) - set(split.test):
-            raise SplitError(f"fold {result['name']}: scored participants outside its test set")
+        split = Split.from_dict(result.split)
+        if set(result.subjects) - set(split.test):
+            raise SplitError(f"fold {result.name}: scored participants outside its test set")
 
 
-def pooled_summary(fold_results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def pooled_summary(fold_results: Sequence[FoldResult]) -> dict[str, Any]:
     """Mean and sd over folds of every scalar metric (:func:`summarise_folds`)."""
     from bids_regionmae.evaluation.metrics import summarise_folds
 

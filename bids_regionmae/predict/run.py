@@ -264,10 +264,9 @@ def predict_run(run: Any, model: PredictionModel, atlas: ModelGridAtlas, output_
         ``skipped`` when the run is shorter than one clip of the model; errors
         propagate (the caller records them).
     """
+    from bids_regionmae.outputs.figures import draw_reconstruction, safe_figure
     from bids_regionmae.predict.maps import save_map, to_input_space, upsample_to_store
     from bids_regionmae.predict.regionerror import RegionErrorAccumulator, group_patch_maps
-    from bids_regionmae.reports.html import safe_figure
-    from bids_regionmae.reports.participant import draw_reconstruction
     from bids_regionmae.train.data import ClipDataset
 
     settings = settings or PredictSettings()
@@ -661,7 +660,7 @@ def predict_many(runs: Mapping[str, Sequence[Any]], model: PredictionModel, atla
     -------
     dict of str to list of RunOutcome
     """
-    from bids_regionmae.reports.participant import record_status
+    from bids_regionmae.outputs.status import record_status
 
     results: dict[str, list[RunOutcome]] = {}
     for subject, subject_runs in sorted(runs.items()):

@@ -20,10 +20,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bids_regionmae.evaluation.metrics import format_mean_sd, sigmoid, softmax
+from bids_regionmae.outputs.figures import safe_figure
 from bids_regionmae.outputs.tables import write_table
-from bids_regionmae.reports.html import HtmlReport, safe_figure
+from bids_regionmae.reports.html import HtmlReport
 
 if TYPE_CHECKING:
+    from bids_regionmae.evaluation.metrics import FoldResult
     from bids_regionmae.evaluation.splits import Split
     from bids_regionmae.finetune.cohort import Cohort
     from bids_regionmae.finetune.task import Task
@@ -48,7 +50,7 @@ def write_labels_table(path: Path, cohort: Cohort, splits: Sequence[Split], fina
     write_table(path, rows, ["participant_id", target, "encoded", "group", "test_split", "final_model"], digits=6)
 
 
-def write_predictions_table(path: Path, fold_results: Sequence[Mapping[str, Any]], task: Task) -> None:
+def write_predictions_table(path: Path, fold_results: Sequence[FoldResult], task: Task) -> None:
     """``predictions.tsv``: fold, participant, true label, outputs, probabilities and predicted class."""
     names = list(task.class_names)
     columns = ["fold", "participant_id", "true"]
@@ -60,8 +62,8 @@ def write_predictions_table(path: Path, fold_results: Sequence[Mapping[str, Any]
         columns += ["predicted"]
     rows = []
     for result in fold_results:
-        for subject, y, out in zip(result["subjects"], result["y_true"], result["outputs"], strict=True):
-            row: dict[str, Any] = {"fold": result["name"], "participant_id": f"sub-{subject}"}
+        for subject, y, out in zip(result.subjects, result.y_true, result.outputs, strict=True):
+            row: dict[str, Any] = {"fold": result.name, "participant_id": f"sub-{subject}"}
             if task.kind == "binary":
                 row.update({"true": names[int(y)], "logit": float(out), columns[4]: float(sigmoid(float(out))),
                             "predicted": names[int(float(out) >= 0)]})

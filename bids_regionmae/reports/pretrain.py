@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bids_regionmae.reports.figures import center_of, draw_slice_rows, mean_image, orthogonal_views
-from bids_regionmae.reports.html import HtmlReport, safe_figure
+from bids_regionmae.outputs.figures import center_of, draw_reconstruction, mean_image, orthogonal_views, safe_figure
+from bids_regionmae.reports.html import HtmlReport
 
 if TYPE_CHECKING:
     from bids_regionmae.masking import Masker, MaskingPlan
@@ -124,21 +124,6 @@ def draw_mask(fig: Any, background: np.ndarray, region: np.ndarray, title: str) 
     fig.suptitle(title)
 
 
-def draw_reconstruction(fig: Any, example: Mapping[str, Any]) -> None:
-    """Original / masked input / reconstruction of a clip's first frame (masked voxels blank)."""
-    original = example["original"].numpy()[..., 0]
-    recon = example["reconstruction"].numpy()[..., 0]
-    vmask = example["voxel_mask"].numpy()[..., 0]
-    brain = example["brain_mask"].numpy()
-    masked = np.where(vmask, np.nan, original)
-    recon = np.where(brain, recon, np.median(original[~brain]) if (~brain).any() else 0.0)
-    center = center_of(vmask & brain) if (vmask & brain).any() else center_of(brain)
-    lo, hi = np.nanpercentile(original[brain], [2, 98]) if brain.any() else (-2, 2)
-    rows = [("original", original), ("masked input", masked), ("reconstruction", recon)]
-    draw_slice_rows(fig, rows, center, lo, hi,
-                    title=f"{example['run_id']} clip {example['clip_index']}, frame 0 (masked voxels blank)")
-
-
 # --------------------------------------------------------------------------- report
 
 
@@ -161,7 +146,11 @@ def _figures(layout: ModelDirLayout, record: PretrainRecord, runs: Sequence[Mode
         LOGGER.warning("could not draw the masked-region figure: %s", exc)
     recon_fig = None
     if record.example is not None:
-        recon_fig = safe_figure(figures / "reconstruction.png", draw_reconstruction, record.example,
+        ex = record.example
+        frame0 = {"original": ex["original"].numpy()[..., 0], "reconstruction": ex["reconstruction"].numpy()[..., 0],
+                  "voxel_mask": ex["voxel_mask"].numpy()[..., 0], "brain_mask": ex["brain_mask"].numpy()}
+        recon_fig = safe_figure(figures / "reconstruction.png", draw_reconstruction, frame0,
+                                f"{ex['run_id']} clip {ex['clip_index']}, frame 0 (masked voxels blank)",
                                 figsize=(9, 9))
     return curves, mask_fig, recon_fig
 

@@ -149,10 +149,10 @@ def compare(session: Session, strategies: list[str]) -> Path:
         The comparison folder.
     """
     from bids_regionmae.atomic import atomic_write_json
-    from bids_regionmae.evaluation.report import comparison_row, write_comparison
     from bids_regionmae.evaluation.splits import save_splits
     from bids_regionmae.finetune.cv import pooled_summary, summary_floats
     from bids_regionmae.outputs.naming import compare_dir
+    from bids_regionmae.reports.evaluation import comparison_row, write_comparison
     from bids_regionmae.workflows.finetune import baseline_for, evaluation_splits, load_cohort, run_finetune
 
     config = session.config

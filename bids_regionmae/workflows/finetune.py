@@ -59,6 +59,7 @@ from bids_regionmae.workflows.session import Session, open_session
 if TYPE_CHECKING:
     from torch import nn
 
+    from bids_regionmae.evaluation.metrics import FoldResult
     from bids_regionmae.evaluation.splits import Split
     from bids_regionmae.finetune.cohort import Cohort
     from bids_regionmae.finetune.cv import Finetuner, SplitOutcome
@@ -139,7 +140,7 @@ def evaluation_splits(session: Session, cohort: Cohort) -> list[Split]:
 
 
 def baseline_for(session: Session, cohort: Cohort, splits: Sequence[Split], cache: Path | None
-                 ) -> list[dict[str, Any]] | None:
+                 ) -> list[FoldResult] | None:
     """The connectivity baseline on ``splits`` (None, logged, when it fails: the models still stand)."""
     from bids_regionmae.finetune.cohort import baseline_results
 
@@ -163,16 +164,16 @@ class FinetuneResult:
     Attributes
     ----------
     model_dir : Path
-    fold_results : list of dict
-        One per split (:func:`bids_regionmae.evaluation.metrics.make_fold_result`).
-    baseline : list of dict or None
+    fold_results : list of FoldResult
+        One per split.
+    baseline : list of FoldResult or None
     summary : dict
         Mean/sd over folds per metric.
     """
 
     model_dir: Path
-    fold_results: list[dict[str, Any]]
-    baseline: list[dict[str, Any]] | None
+    fold_results: list[FoldResult]
+    baseline: list[FoldResult] | None
     summary: dict[str, Any]
 
 
@@ -250,11 +251,11 @@ def _prepare_dir(session: Session, cohort: Cohort, splits: Sequence[Split], fina
     session.barrier()  # other ranks look for finished splits only after rank 0 has checked the directory
 
 
-def _write_evaluation(model_dir: Path, name: str, cohort: Cohort, fold_results: list[dict[str, Any]],
-                      baseline: list[dict[str, Any]] | None, mode: str) -> None:
+def _write_evaluation(model_dir: Path, name: str, cohort: Cohort, fold_results: list[FoldResult],
+                      baseline: list[FoldResult] | None, mode: str) -> None:
     """Rank 0: metrics, predictions and the model-vs-baseline table."""
-    from bids_regionmae.evaluation.report import comparison_row, write_comparison, write_evaluation
     from bids_regionmae.finetune.cv import pooled_summary, summary_floats
+    from bids_regionmae.reports.evaluation import comparison_row, write_comparison, write_evaluation
     from bids_regionmae.reports.finetune import write_predictions_table
 
     task = cohort.task
@@ -313,7 +314,7 @@ def _save_model(model_dir: Path, outcome: SplitOutcome, cohort: Cohort, config: 
 
 
 def run_finetune(session: Session, cohort: Cohort, splits: Sequence[Split], *, pretrained: ModelDir | None,
-                 baseline: list[dict[str, Any]] | None = None, with_baseline: bool = True) -> FinetuneResult:
+                 baseline: list[FoldResult] | None = None, with_baseline: bool = True) -> FinetuneResult:
     """Cross-validate, run the baseline, refit and save one fine-tuned model directory.
 
     Parameters
@@ -324,7 +325,7 @@ def run_finetune(session: Session, cohort: Cohort, splits: Sequence[Split], *, p
         Evaluation splits (the same for every pretrained model compared).
     pretrained : ModelDir or None
         The model whose encoder is fine-tuned; None starts from a seeded random encoder.
-    baseline : list of dict, optional
+    baseline : list of FoldResult, optional
         Precomputed baseline fold results on ``splits`` (else computed here when ``with_baseline``).
     with_baseline : bool
 

@@ -108,11 +108,13 @@ def _runs_and_failures(session: Session) -> tuple[dict[str, list[ModelReadyRun]]
 
 def predict(session: Session) -> int:
     """Predict the selected participants with ``--model`` (see :func:`run`)."""
+    from bids_regionmae.outputs.status import record_status
     from bids_regionmae.predict.group import write_group_outputs
     from bids_regionmae.predict.models import load_prediction_model
     from bids_regionmae.predict.run import PredictSettings, predict_many
+    from bids_regionmae.reports.group import write_group_report
     from bids_regionmae.reports.methods import write_citation
-    from bids_regionmae.reports.participant import record_status, write_participant_reports
+    from bids_regionmae.reports.participant import write_participant_reports
 
     config, output_dir = session.config, session.output_dir
     model = load_prediction_model(session.model, backend=config.model.backend)
@@ -137,7 +139,9 @@ def predict(session: Session) -> int:
         LOGGER.warning("could not write the citation boilerplate: %s", exc)
     write_participant_reports(output_dir, sorted(set(runs) | set(failures)), stage=stage)
     try:
-        write_group_outputs(output_dir, model.label, model=model.describe(), model_dir=session.model)
+        group = write_group_outputs(output_dir, model.label, model=model.describe())
+        write_group_report(output_dir, model.label, group.attribution, group.participants, group.predictions,
+                           model=model.describe(), model_dir=session.model)
     except Exception as exc:  # noqa: BLE001 - the summary never fails the participants' results
         LOGGER.warning("group summary of %s failed: %s", model.label, exc)
     LOGGER.info("prediction with %s done: %d participant(s)%s", model.label, len(runs) + len(failures),
