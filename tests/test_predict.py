@@ -392,7 +392,7 @@ def test_project_onto_regions():
 
 
 def test_probabilities():
-    from bids_regionmae.predict.run import probabilities
+    from bids_regionmae.predict.writers import probabilities
 
     p = probabilities(np.array([[0.0], [2.0]]), "binary")
     np.testing.assert_allclose(p[:, 1], 1 / (1 + np.exp(-np.array([0.0, 2.0]))))
