@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from bids_regionmae.config import RunConfig
-from bids_regionmae.finetune.testing import write_labelled_cohort
 from bids_regionmae.models.spec import ModelSpec
+from bids_regionmae.testing.cohort import write_labelled_cohort
 
 VARIANT = "ft-micro"
 MICRO = ModelSpec(name=VARIANT, img_size=(24, 24, 24, 4), embed_dim=8, depths=(1, 1), window_size=(2, 2, 2, 4),

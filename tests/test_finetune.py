@@ -4,7 +4,7 @@ CPU only. A tiny test variant (24^3 x 4 frames, one block per stage) is
 registered here; the cohort is a synthetic model-ready store of 12
 participants (16 frames each: 4 clips of 4 frames) written directly in the
 store format, with a label-dependent signal planted in the synthetic
-cerebellum of the ``ADHD`` participants (:mod:`bids_regionmae.finetune.testing`).
+cerebellum of the ``ADHD`` participants (:mod:`bids_regionmae.testing.cohort`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torch
 from bids_regionmae.config import RunConfig
 from bids_regionmae.evaluation.splits import Split, SplitError
 from bids_regionmae.finetune.task import LossSpec, Task, class_balance
-from bids_regionmae.finetune.testing import write_labelled_cohort
 from bids_regionmae.models.spec import ModelSpec
+from bids_regionmae.testing.cohort import write_labelled_cohort
 from bids_regionmae.train.engine import TrainSettings
 
 VARIANT = "ft-micro"

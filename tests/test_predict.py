@@ -64,7 +64,7 @@ def make_store(root: Path, n_subjects: int = 3) -> Path:
     from bids_regionmae.atlas.derivative import write_atlas_derivative
     from bids_regionmae.atlas.regions import aal3_label_names
     from bids_regionmae.outputs.derivatives import init_derivatives
-    from bids_regionmae.train.testing import synthetic_labels, write_synthetic_store
+    from bids_regionmae.testing.store import synthetic_labels, write_synthetic_store
 
     bids = root / "bids"
     bids.mkdir(parents=True, exist_ok=True)
@@ -279,7 +279,7 @@ def test_occlusion_finds_the_planted_region(mode):
     from bids_regionmae.grid import downsample_labels, downsample_mask
     from bids_regionmae.predict.attribution import occlusion
     from bids_regionmae.predict.regionerror import group_patch_maps
-    from bids_regionmae.train.testing import synthetic_brain_mask, synthetic_labels
+    from bids_regionmae.testing.store import synthetic_brain_mask, synthetic_labels
 
     labels = downsample_labels(synthetic_labels(MODEL_SHAPE), (2, 2, 2))  # (48, 48, 48)
     brain = downsample_mask(synthetic_brain_mask(MODEL_SHAPE), (2, 2, 2))
@@ -333,7 +333,7 @@ def test_integrated_gradients_completeness():
 def test_integrated_gradients_on_the_finetuned_model(predicted):
     """IG of the (linear-probe) micro NeuroSTORM classifier: sum of attributions ~ f(x) - f(0)."""
     from bids_regionmae.predict.attribution import integrated_gradients
-    from bids_regionmae.train.testing import synthetic_brain_mask
+    from bids_regionmae.testing.store import synthetic_brain_mask
 
     model = predicted["model"]
     brain = torch.as_tensor(synthetic_brain_mask((48, 48, 48)))

@@ -18,6 +18,7 @@ import torch
 from bids_regionmae.config import RunConfig, build_config, config_to_toml, read_toml
 from bids_regionmae.errors import InputMissingError, UsageError
 from bids_regionmae.grid import downsample_factors, downsample_labels, downsample_mask, downsample_volume
+from bids_regionmae.testing.store import synthetic_labels, write_synthetic_store
 from bids_regionmae.train.data import ClipDataset, split_participants
 from bids_regionmae.train.engine import (
     ResumableSampler,
@@ -26,7 +27,6 @@ from bids_regionmae.train.engine import (
     make_generator,
     warmup_cosine,
 )
-from bids_regionmae.train.testing import synthetic_labels, write_synthetic_store
 
 MODEL_NAME = "pretrain_region-cerebellum_tiny_seed-0"
 

@@ -28,7 +28,7 @@ def make_store(root: Path) -> Path:
     from bids_regionmae.atlas.regions import LOBE_GROUPS, aal3_label_names
     from bids_regionmae.outputs.derivatives import init_derivatives
     from bids_regionmae.preprocess.qc import region_coverage
-    from bids_regionmae.train.testing import synthetic_labels, write_synthetic_store
+    from bids_regionmae.testing.store import synthetic_labels, write_synthetic_store
 
     bids = root / "bids"
     bids.mkdir(parents=True, exist_ok=True)

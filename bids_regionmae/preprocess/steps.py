@@ -22,11 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 from bids_regionmae import __version__
-from bids_regionmae.atomic import atomic_path, atomic_write_json, atomic_write_text, sha256_file, temporary_sibling
+from bids_regionmae.atomic import atomic_path, atomic_write_json, sha256_file, temporary_sibling
 from bids_regionmae.bids.records import RunRecord
 from bids_regionmae.errors import InputDataError
 from bids_regionmae.grid import MODEL_AFFINE, MODEL_RES, MODEL_SHAPE, MODEL_SPACE
@@ -43,15 +42,20 @@ from bids_regionmae.preprocess.source import (
     open_bold,
     read_confounds,
 )
-from bids_regionmae.preprocess.store import FORMAT, FORMAT_VERSION, OUTPUT_FILES
+from bids_regionmae.preprocess.store import (
+    OUTPUT_FILES,
+    RESOLUTION,
+    save_model_grid_image,
+    write_brain_mask,
+    write_clip_index,
+    write_sidecar,
+)
 
 __all__ = ["FrameStats", "GridMask", "RunInputs", "map_mask", "read_inputs", "stream_frames", "write_outputs"]
 
 #: Frames written to the preview NIfTI.
 PREVIEW_FRAMES = 5
 _N_VOXELS = int(np.prod(MODEL_SHAPE))
-_RESOLUTION = {MODEL_RES: "2 mm isotropic MNI152NLin6Asym grid cropped/padded to 96x96x96 "
-                          "(NeuroSTORM input grid)"}
 
 
 # ---------------------------------------------------------------------------- read
@@ -353,23 +357,6 @@ def stream_frames(record: RunRecord, inputs: RunInputs, grid: GridMask, data_pat
 # ---------------------------------------------------------------------------- write
 
 
-def _nifti(data: np.ndarray, tr: float | None = None) -> nib.Nifti1Image:
-    img = nib.Nifti1Image(data, MODEL_AFFINE)
-    img.header.set_sform(MODEL_AFFINE, code=4)  # NIFTI_XFORM_MNI_152
-    img.header.set_qform(MODEL_AFFINE, code=4)
-    img.header.set_xyzt_units("mm", "sec")
-    if tr is not None:
-        zooms = list(img.header.get_zooms())
-        zooms[3] = tr
-        img.header.set_zooms(zooms)
-    return img
-
-
-def _save_nifti(img: nib.Nifti1Image, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
-
-
 def _round(value: float | None, digits: int = 6) -> float | None:
     return None if value is None else round(float(value), digits)
 
@@ -378,25 +365,14 @@ def _write_images(record: RunRecord, paths: Mapping[str, Path], inputs: RunInput
                   frames: FrameStats, background: float) -> None:
     """Brain mask (+ sidecar), mean image and preview (+ sidecar) on the model grid."""
     eff_tr = inputs.plan.repetition_time
-    _save_nifti(_nifti(grid.model_mask.astype(np.uint8)), paths["mask"])
-    atomic_write_json(paths["mask_json"], {
-        "Type": "Brain", "Resolution": _RESOLUTION,
-        "Description": "Brain mask of the run resampled onto the model grid (trilinear, > 0.5)."})
-    _save_nifti(_nifti(frames.run.voxel_mean.reshape(MODEL_SHAPE)), paths["mean"])
+    write_brain_mask(dict(paths), grid.model_mask)
+    save_model_grid_image(frames.run.voxel_mean.reshape(MODEL_SHAPE), paths["mean"])
     preview = np.stack(frames.preview).astype(np.float32).reshape(-1, *MODEL_SHAPE).transpose(1, 2, 3, 0)
-    _save_nifti(_nifti(np.ascontiguousarray(preview), tr=eff_tr), paths["preview"])
+    save_model_grid_image(np.ascontiguousarray(preview), paths["preview"], tr=eff_tr)
     atomic_write_json(paths["preview_json"], {
-        "RepetitionTime": eff_tr, "TaskName": record.task, "SkullStripped": True, "Resolution": _RESOLUTION,
+        "RepetitionTime": eff_tr, "TaskName": record.task, "SkullStripped": True, "Resolution": RESOLUTION,
         "Description": f"First {len(frames.preview)} model-ready frames: globally z-scored inside the brain mask, "
                        f"background {background}."})
-
-
-def _write_clips(path: Path, n_frames: int, length: int, stride: int, times: np.ndarray) -> int:
-    """The clip index (``clip``, ``onset_frame``, ``n_frames``, ``onset_seconds``); returns the number of clips."""
-    starts = list(range(0, n_frames - length + 1, stride))
-    atomic_write_text(path, "clip\tonset_frame\tn_frames\tonset_seconds\n" + "".join(
-        f"{i}\t{s}\t{length}\t{float(times[s]):.6g}\n" for i, s in enumerate(starts)))
-    return len(starts)
 
 
 def _qc_record(record: RunRecord, inputs: RunInputs, grid: GridMask, frames: FrameStats,
@@ -438,7 +414,7 @@ def _sidecar(record: RunRecord, entities: Mapping[str, str], paths: Mapping[str,
         note = (f"{record.space} was resampled onto the {MODEL_SPACE} grid by world coordinates "
                 "(no template-to-template transform); the templates differ by a few mm.")
     return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "complete": True, "run_id": record.run_id,
+        "run_id": record.run_id,
         "entities": dict(entities), "generated_by": {"name": "regionmae", "version": __version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "sources": _sources(record, frames.bold_sha256),
@@ -476,8 +452,8 @@ def write_outputs(record: RunRecord, entities: Mapping[str, str], paths: Mapping
                   groups: Mapping[str, Sequence[int]] | None) -> None:
     """Mask, mean, preview, clip index, QC and, last (the completion marker), the sidecar."""
     _write_images(record, paths, inputs, grid, frames, parameters["background_value"])
-    n_clips = _write_clips(paths["clips"], len(inputs.plan), parameters["clip_length"], parameters["clip_stride"],
-                           inputs.plan.times)
+    n_clips = write_clip_index(paths["clips"], len(inputs.plan), parameters["clip_length"],
+                               parameters["clip_stride"], inputs.plan.times)
     atomic_write_json(paths["qc"], _qc_record(record, inputs, grid, frames, voxel_labels, groups))
-    atomic_write_json(paths["sidecar"], _sidecar(record, entities, paths, parameters, fingerprint, inputs, grid,
-                                                 frames, n_clips))
+    write_sidecar(paths["sidecar"], _sidecar(record, entities, paths, parameters, fingerprint, inputs, grid, frames,
+                                             n_clips))
