@@ -151,3 +151,16 @@ def test_unknown_region_fails_before_any_training(compared, tmp_path):
     with pytest.raises(UsageError, match="cerebelum"):
         run(bad)
     assert sorted(p.name for p in (output_dir / "models").iterdir()) == before
+
+
+def test_strategies_are_entries_of_the_mask_strategy_vocabulary():
+    from bids_regionmae.config import MaskingConfig
+    from bids_regionmae.workflows.compare import entry_masking
+
+    masking = MaskingConfig(regions=("limbic",), mask_ratio=0.3)
+    assert entry_masking(masking, "random") == masking.model_copy(update={"strategy": "random"})
+    assert entry_masking(masking, "random-region").strategy == "random-region"
+    region = entry_masking(masking, "region")  # the name of a strategy keeps --regions
+    assert (region.strategy, region.regions) == ("region", ("limbic",))
+    selection = entry_masking(masking, "cerebellum+frontal")  # anything else is a region selection
+    assert (selection.strategy, selection.regions, selection.mask_ratio) == ("region", ("cerebellum+frontal",), 0.3)

@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 
@@ -66,9 +66,6 @@ from .strategies import (
     random_tube_mask,
     region_tube_mask,
 )
-
-if TYPE_CHECKING:
-    from .plan import MaskingPlan
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +253,16 @@ class PatchContext:
                     region_maps=torch.zeros((0, *self.grid[:3]), dtype=torch.bool, device=self.device))
 
 
+class PlanFields(Protocol):
+    """The fields of a :class:`~bids_regionmae.masking.plan.MaskingPlan` that name and describe a strategy."""
+
+    region: str | None
+    labels: tuple[int, ...]
+    rule: str
+    ratio: float
+    fraction: float
+
+
 class MaskStrategy:
     """A masking strategy: what it precomputes from the label map, how it draws masks, how it is named.
 
@@ -289,12 +296,12 @@ class MaskStrategy:
         raise NotImplementedError
 
     @classmethod
-    def tag(cls, plan: MaskingPlan) -> str:
+    def tag(cls, plan: PlanFields) -> str:
         """The masking part of a model directory name (see :func:`bids_regionmae.outputs.naming.pretrain_dir_name`)."""
         raise NotImplementedError
 
     @classmethod
-    def text(cls, plan: MaskingPlan) -> str:
+    def text(cls, plan: PlanFields) -> str:
         """One phrase for methods text and reports."""
         raise NotImplementedError
 
@@ -361,11 +368,11 @@ class RandomTube(MaskStrategy):
         return random_tube_mask(pmap, batch_size, masker.grid[3], masker.ratio, generator=generator, device=device)
 
     @classmethod
-    def tag(cls, plan: MaskingPlan) -> str:
+    def tag(cls, plan: PlanFields) -> str:
         return f"random-ratio{_pct(plan.ratio)}"
 
     @classmethod
-    def text(cls, plan: MaskingPlan) -> str:
+    def text(cls, plan: PlanFields) -> str:
         return f"random tube masking, ratio {plan.ratio}"
 
 
@@ -414,7 +421,7 @@ class RegionTube(MaskStrategy):
                                 device=device)
 
     @classmethod
-    def tag(cls, plan: MaskingPlan) -> str:
+    def tag(cls, plan: PlanFields) -> str:
         import re
 
         joined = plan.region or "none"
@@ -422,7 +429,7 @@ class RegionTube(MaskStrategy):
         return tag + (f"-frac{_pct(plan.fraction)}" if plan.fraction < 1.0 else "")
 
     @classmethod
-    def text(cls, plan: MaskingPlan) -> str:
+    def text(cls, plan: PlanFields) -> str:
         region = plan.region or f"{len(plan.labels)} AAL3 labels"
         return f"region-aware masking of {region} (patch rule {plan.rule})"
 
@@ -462,11 +469,11 @@ class RandomRegion(MaskStrategy):
                                   generator=generator, device=device)
 
     @classmethod
-    def tag(cls, plan: MaskingPlan) -> str:
+    def tag(cls, plan: PlanFields) -> str:
         return f"randomregion-ratio{_pct(plan.ratio)}"
 
     @classmethod
-    def text(cls, plan: MaskingPlan) -> str:
+    def text(cls, plan: PlanFields) -> str:
         return f"random whole-region masking, ratio {plan.ratio}"
 
 
@@ -485,7 +492,7 @@ def _warn_empty(empty: list[int], rule: str, patch_size: Sequence[int], what: st
                        len(empty), what, rule, tuple(patch_size[:3]), empty)
 
 
-def build_masker(strategy: Strategy, voxel_labels: torch.Tensor, patch_size: Sequence[int], *,
+def build_masker(strategy: Strategy | type[MaskStrategy], voxel_labels: torch.Tensor, patch_size: Sequence[int], *,
                  labels: Sequence[int] | None = None, ratio: float = 0.5, fraction: float = 1.0,
                  rule: PatchRule = "majority", brain_mask: torch.Tensor | None = None, T: int,
                  candidates: Literal["all", "brain"] = "all",
@@ -494,8 +501,8 @@ def build_masker(strategy: Strategy, voxel_labels: torch.Tensor, patch_size: Seq
 
     Parameters
     ----------
-    strategy : {'random', 'region', 'random-region'}
-        A registered strategy (see the module docstring).
+    strategy : {'random', 'region', 'random-region'} or MaskStrategy subclass
+        A registered strategy, by name or class (see the module docstring).
     voxel_labels : IntTensor, shape (X, Y, Z)
         Atlas label per voxel on the model grid (0 = background).
     patch_size : sequence of 3 or 4 int
@@ -536,7 +543,7 @@ def build_masker(strategy: Strategy, voxel_labels: torch.Tensor, patch_size: Seq
         (``random-region``) have no patch under ``rule``.
     """
     labels = None if labels is None else [int(v) for v in labels]
-    kind = strategy_class(strategy)
+    kind = strategy if isinstance(strategy, type) else strategy_class(strategy)
     if rule not in PATCH_RULES:
         raise ValueError(f"rule must be one of {PATCH_RULES}, got {rule!r}")
     if candidates not in CANDIDATES:

@@ -120,7 +120,7 @@ class MaskingPlan:
         -------
         Masker
         """
-        return build_masker(self.strategy, voxel_labels, patch_size, labels=self.labels or None, ratio=self.ratio,
+        return build_masker(self.kind, voxel_labels, patch_size, labels=self.labels or None, ratio=self.ratio,
                             fraction=self.fraction, rule=self.rule, brain_mask=brain_mask, T=T, device=device)
 
     def tag(self) -> str:

@@ -1,4 +1,4 @@
-"""What a prediction of one run works with: the settings and the run's context (the *load* step).
+"""What a prediction of one run works with and gives: settings, the run's context (the *load* step), the outcome.
 
 :func:`load_run` opens a model-ready run for a model: its clips on the
 model's grid, the atlas labels pooled to that grid, the output paths and the
@@ -12,9 +12,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from bids_regionmae.outputs.naming import run_output_paths
 from bids_regionmae.predict.inference import autocast_factory
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["PredictSettings", "RunContext", "load_run"]
+__all__ = ["PredictSettings", "RunContext", "RunOutcome", "load_run"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,37 @@ class PredictSettings:
     def n_ig_clips(self, n_clips: int) -> int:
         """Clips of a run that get integrated gradients."""
         return n_clips if self.ig_max_clips is None else min(n_clips, int(self.ig_max_clips))
+
+
+@dataclass
+class RunOutcome:
+    """Result of predicting one run.
+
+    Attributes
+    ----------
+    run_id, subject : str
+    status : {'done', 'skipped', 'failed'}
+    message : str
+    seconds : float
+    outputs : list of Path
+    clip_outputs : ndarray, shape (n_clips, K), optional
+        Clip logits / regression outputs (fine-tuned models).
+    attribution : list of dict
+        The run's attribution rows.
+    n_clips : int
+    n_ig_clips : int
+    """
+
+    run_id: str
+    subject: str
+    status: str
+    message: str = ""
+    seconds: float = 0.0
+    outputs: list[Path] = field(default_factory=list)
+    clip_outputs: np.ndarray | None = None
+    attribution: list[dict[str, Any]] = field(default_factory=list)
+    n_clips: int = 0
+    n_ig_clips: int = 0
 
 
 @dataclass

@@ -23,14 +23,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from bids_regionmae.predict.context import PredictSettings, RunContext, load_run
+from bids_regionmae.predict.context import PredictSettings, RunContext, RunOutcome, load_run
 from bids_regionmae.predict.inference import iter_run_batches, progress
 from bids_regionmae.predict.writers import (
     write_attribution,
@@ -50,37 +50,6 @@ LOGGER = logging.getLogger(__name__)
 
 __all__ = ["Inference", "PredictSettings", "RunOutcome", "infer", "predict_many", "predict_participant",
            "predict_run"]
-
-
-@dataclass
-class RunOutcome:
-    """Result of predicting one run.
-
-    Attributes
-    ----------
-    run_id, subject : str
-    status : {'done', 'skipped', 'failed'}
-    message : str
-    seconds : float
-    outputs : list of Path
-    clip_outputs : ndarray, shape (n_clips, K), optional
-        Clip logits / regression outputs (fine-tuned models).
-    attribution : list of dict
-        The run's attribution rows.
-    n_clips : int
-    n_ig_clips : int
-    """
-
-    run_id: str
-    subject: str
-    status: str
-    message: str = ""
-    seconds: float = 0.0
-    outputs: list[Path] = field(default_factory=list)
-    clip_outputs: np.ndarray | None = None
-    attribution: list[dict[str, Any]] = field(default_factory=list)
-    n_clips: int = 0
-    n_ig_clips: int = 0
 
 
 @dataclass

@@ -23,10 +23,9 @@ from bids_regionmae.outputs.tables import write_table
 from bids_regionmae.predict.models import PredictionModel, output_names
 
 if TYPE_CHECKING:
-    from bids_regionmae.predict.context import RunContext
+    from bids_regionmae.predict.context import RunContext, RunOutcome
     from bids_regionmae.predict.explain import RunAttribution
     from bids_regionmae.predict.regionerror import RegionErrorAccumulator
-    from bids_regionmae.predict.run import RunOutcome
 
 __all__ = ["PredictionTable", "prediction_table", "probabilities", "target_column", "write_attribution",
            "write_embeddings", "write_predictions", "write_region_error", "write_subject_tables"]

@@ -35,7 +35,7 @@ from bids_regionmae.evaluation.metrics import (
     summarise_folds,
 )
 from bids_regionmae.outputs.tables import write_table
-from bids_regionmae.reports.html import HtmlReport, Markup
+from bids_regionmae.reports.html import HtmlReport, Markup, format_number
 
 logger = logging.getLogger(__name__)
 
@@ -89,14 +89,6 @@ def _guard(write: Callable[[], Path]) -> Path:
         raise OutputError(f"cannot write evaluation output: {exc}") from None
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, (float, np.floating)):
-        return "n/a" if not math.isfinite(value) else f"{value:.{digits}g}"
-    return str(value)
-
-
 # --------------------------------------------------------------------------- figures
 
 
@@ -114,7 +106,7 @@ def _draw_roc(fold_results: Sequence[FoldResult], class_names: Sequence[str] | N
             score = binary_logits(res.outputs)
             fpr, tpr, _ = roc_curve(y, score)
             auc = res.metrics.get("auroc")
-            ax.plot(fpr, tpr, lw=0.8, alpha=0.5, label=f"{res.name} (AUROC {_fmt(auc, 3)})")
+            ax.plot(fpr, tpr, lw=0.8, alpha=0.5, label=f"{res.name} (AUROC {format_number(auc, 3)})")
             interp = np.interp(grid, fpr, tpr)
             interp[0] = 0.0
             tprs.append(interp)
@@ -318,7 +310,7 @@ def _evaluation_page(path: Path, name: str, fold_results: Sequence[FoldResult], 
                      "is undefined (e.g. a single class in the test set) are left out of its mean; sd is the "
                      "sample sd.", kind="note")
     report.heading("Per fold")
-    report.cells(list(table.columns), [[_fmt(v) for v in rec] for rec in table.itertuples(index=False)],
+    report.cells(list(table.columns), [[format_number(v) for v in rec] for rec in table.itertuples(index=False)],
                  [""] * n_folds + ["summary", "summary"])
     report.heading("Figures")
     if task_kind == "binary":
@@ -471,10 +463,10 @@ def write_comparison(out_dir: str | Path, rows: Sequence[Mapping[str, Any]],
     shown_extra = [c for c in extra_cols if c not in ("acc_mean", "acc_sd", "auroc_mean", "auroc_sd")]
     for r in frame.to_dict("records"):
         line = [str(r["strategy"]),
-                cell(r["recon_mse"], _fmt(r["recon_mse"]), best_mse),
+                cell(r["recon_mse"], format_number(r["recon_mse"]), best_mse),
                 cell(r["acc_mean"], format_mean_sd(r["acc_mean"], r["acc_sd"], 2, True), best_acc),
                 cell(r["auroc_mean"], format_mean_sd(r["auroc_mean"], r["auroc_sd"], 3), best_auc)]
-        line += [_fmt(r[c]) for c in shown_extra]
+        line += [format_number(r[c]) for c in shown_extra]
         body.append(line)
     report = HtmlReport("Masking-strategy comparison", out_dir / f"{name}.html")
     report.heading("Masking strategies")

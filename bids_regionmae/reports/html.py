@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from functools import cache
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import numpy as np
 from markupsafe import Markup
 
 from bids_regionmae import __version__
@@ -31,7 +33,16 @@ from bids_regionmae.atomic import atomic_write_text
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["HtmlReport", "Markup", "svg_markup"]
+__all__ = ["HtmlReport", "Markup", "format_number", "svg_markup"]
+
+
+def format_number(value: Any, digits: int = 4) -> str:
+    """A value for report text: ``n/a`` for None and non-finite numbers, floats with ``digits`` significant digits."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, (float, np.floating)):
+        return "n/a" if not math.isfinite(value) else f"{value:.{digits}g}"
+    return str(value)
 
 
 @cache

@@ -38,7 +38,7 @@ from bids_regionmae.outputs.figures import (
 from bids_regionmae.outputs.naming import figure_path, join_label, report_path, subject_figure_path
 from bids_regionmae.outputs.status import read_json, read_statuses, record_status
 from bids_regionmae.outputs.tables import read_tsv
-from bids_regionmae.reports.html import HtmlReport
+from bids_regionmae.reports.html import HtmlReport, format_number
 
 LOGGER = logging.getLogger(__name__)
 
@@ -49,14 +49,6 @@ _STATUS_DIR = ("logs", "status")
 
 
 # ----------------------------------------------------------------------------- data helpers
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return "n/a" if not math.isfinite(value) else f"{value:.{digits}g}"
-    return str(value)
 
 
 def _model_labels(subject_dir: Path) -> list[str]:
@@ -207,13 +199,13 @@ def _qc_section(report: HtmlReport, runs: Sequence[Any]) -> None:
             "run": run.run_id,
             "frames (kept/total)": f"{frames.get('output', '?')}/{frames.get('total', '?')}",
             "dropped": len(frames.get("dropped") or []),
-            "TR (s)": _fmt(meta.get("repetition_time")),
+            "TR (s)": format_number(meta.get("repetition_time")),
             "clips": (meta.get("clips") or {}).get("count", len(run.clips)),
-            "tSNR (median)": _fmt(qc.get("tsnr_median")),
-            "mean FD (mm)": _fmt(fd.get("mean")),
-            "max FD (mm)": _fmt(fd.get("max")),
-            "norm. mean": _fmt(norm.get("mean")),
-            "norm. std": _fmt(norm.get("std")),
+            "tSNR (median)": format_number(qc.get("tsnr_median")),
+            "mean FD (mm)": format_number(fd.get("mean")),
+            "max FD (mm)": format_number(fd.get("max")),
+            "norm. mean": format_number(norm.get("mean")),
+            "norm. std": format_number(norm.get("std")),
             "mask voxels": mask.get("model_voxels", "n/a"),
             "source space": meta.get("source_space", meta.get("space", "n/a")),
         })
@@ -294,7 +286,7 @@ def _model_section(report: HtmlReport, output_dir: Path, subject: str, label: st
             break
     model = meta.get("Model") or {}
     if model:
-        report.table([{"item": k, "value": _fmt(v) if not isinstance(v, (list, dict)) else json.dumps(v)}
+        report.table([{"item": k, "value": format_number(v) if not isinstance(v, (list, dict)) else json.dumps(v)}
                       for k, v in model.items()])
 
     # predictions

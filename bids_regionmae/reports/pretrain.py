@@ -8,7 +8,6 @@ A figure or report that cannot be made is logged, never raised.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bids_regionmae.outputs.figures import center_of, draw_reconstruction, mean_image, orthogonal_views, safe_figure
-from bids_regionmae.reports.html import HtmlReport
+from bids_regionmae.reports.html import HtmlReport, format_number
 
 if TYPE_CHECKING:
     from bids_regionmae.masking import Masker, MaskingPlan
@@ -70,11 +69,6 @@ class PretrainRecord:
     group_mse: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     region_mse: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
     example: Mapping[str, Any] | None = None
-
-
-def fmt(value: Any) -> str:
-    """``n/a`` for None/NaN, else 6 significant digits."""
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.6g}"
 
 
 # --------------------------------------------------------------------------- figures
@@ -170,10 +164,10 @@ def _summary_rows(record: PretrainRecord) -> list[dict[str, str]]:
         {"item": "steps", "value": f"{s['steps']} ({s['epochs']} epoch(s), {s['steps_per_epoch']} steps/epoch)"},
         {"item": "batch", "value": f"{record.batch_size} per process x {record.grad_accum} accumulation x "
                                    f"{s['world_size']}"},
-        {"item": "train loss (first -> last)", "value": f"{fmt(s['first_train_loss'])} -> "
-                                                        f"{fmt(s['final_train_loss'])}"},
-        {"item": "final validation loss", "value": fmt(s["final_val_loss"])},
-        {"item": "throughput", "value": f"{fmt(s['clips_per_s_median'])} clips/s (median)"},
+        {"item": "train loss (first -> last)", "value": f"{format_number(s['first_train_loss'], 6)} -> "
+                                                        f"{format_number(s['final_train_loss'], 6)}"},
+        {"item": "final validation loss", "value": format_number(s["final_val_loss"], 6)},
+        {"item": "throughput", "value": f"{format_number(s['clips_per_s_median'], 6)} clips/s (median)"},
         {"item": "participants", "value": f"{len(record.train_subjects)} train, {len(record.val_subjects)} "
                                           f"validation ({s['n_train_clips']} / {s['n_val_clips']} clips)"},
         {"item": "seed", "value": str(record.seed)},
