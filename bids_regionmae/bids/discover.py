@@ -65,7 +65,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bids_regionmae.bids.assemble import (
     SPACE_REASON,
@@ -93,6 +93,8 @@ from bids_regionmae.errors import (
     ValidationError,
 )
 
+if TYPE_CHECKING:
+    from bids_regionmae.config import InputConfig
 
 @dataclass
 class DiscoveryReport:
@@ -344,7 +346,7 @@ def _describe_available(root: Path, available: dict[str, list[str]]) -> str:
             f"  spaces: {_format_labels(available['spaces'])}")
 
 
-def discover_runs(bids_dir: str | Path, config: Any, work_dir: str | Path | None = None, *,
+def discover_runs(bids_dir: str | Path, config: InputConfig, work_dir: str | Path | None = None, *,
                   backend: str = "fast") -> DiscoveryResult:
     """Find the usable fMRIPrep BOLD runs selected by ``config``.
 

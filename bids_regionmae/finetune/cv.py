@@ -208,7 +208,7 @@ class Finetuner:
 
     # ------------------------------------------------------------------ training
 
-    def train_split(self, split: Any, index: int, folder: str | Path) -> SplitOutcome:
+    def train_split(self, split: Split, index: int, folder: str | Path) -> SplitOutcome:
         """Train on ``split.train`` with early stopping on ``split.val``.
 
         Parameters
@@ -279,7 +279,7 @@ class Finetuner:
 
     # ------------------------------------------------------------------ schemes
 
-    def fold_folder(self, split: Any) -> Path:
+    def fold_folder(self, split: Split) -> Path:
         return self.out_dir / "folds" / split.name
 
     def evaluate_split(self, split: Split, index: int) -> FoldResult:
@@ -308,12 +308,12 @@ class Finetuner:
             LOGGER.info("split %s done: %s", split.name, ", ".join(f"{k} {float(v):.3f}" for k, v in shown.items()))
         return results
 
-    def refit(self, split: Any, index: int = 10_000) -> SplitOutcome:
+    def refit(self, split: Split, index: int = 10_000) -> SplitOutcome:
         """The deliverable model: train on ``split.train``, early-stop on ``split.val`` (no test set)."""
         return self.train_split(split, index, self.out_dir / "final")
 
 
-def _check_disjoint(split: Any) -> None:
+def _check_disjoint(split: Split) -> None:
     """A split's partitions share no participant (an empty test set is allowed: the final refit)."""
     if split.test:
         split.assert_disjoint()
@@ -355,7 +355,7 @@ def summary_floats(summary: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     return {k: {kk: (math.nan if vv is None else vv) for kk, vv in v.items()} for k, v in summary.items()}
 
 
-def fold_clip_counts(data: Any, splits: Sequence[Any]) -> dict[str, dict[str, int]]:
+def fold_clip_counts(data: LabelledClips, splits: Sequence[Split]) -> dict[str, dict[str, int]]:
     """Clips per partition of every split (for logs and manifests)."""
     subjects = clip_subjects(data)
     out = {}

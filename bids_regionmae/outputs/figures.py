@@ -6,7 +6,7 @@
 reconstructed clips (:func:`draw_reconstruction`), the mean image with the
 brain mask (:func:`draw_mean_and_mask`), grouped bars per region group
 (:func:`draw_group_bars`) and values painted on atlas regions
-(:func:`draw_region_values`); :func:`mean_image` is the background they use.
+(:func:`draw_region_values`).
 """
 
 from __future__ import annotations
@@ -15,11 +15,14 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bids_regionmae.atomic import atomic_path
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 LOGGER = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ def orthogonal_views(volume: np.ndarray, center: Sequence[int]) -> list[tuple[st
     return [("axial", volume[:, :, k].T), ("coronal", volume[:, j, :].T), ("sagittal", volume[i, :, :].T)]
 
 
-def draw_slice_rows(fig: Any, rows: Sequence[tuple[str, np.ndarray]], center: Sequence[int],
+def draw_slice_rows(fig: Figure, rows: Sequence[tuple[str, np.ndarray]], center: Sequence[int],
                     vmin: float, vmax: float, title: str = "") -> None:
     """One row of three orthogonal slices per ``(label, volume)``, on a shared grey scale.
 
@@ -60,29 +63,7 @@ def draw_slice_rows(fig: Any, rows: Sequence[tuple[str, np.ndarray]], center: Se
         fig.suptitle(title)
 
 
-def mean_image(run: Any, max_frames: int = 50) -> np.ndarray:
-    """Mean image of a model-ready run on the 96^3 grid: its mean BOLD reference, else the mean of its first frames.
-
-    Parameters
-    ----------
-    run : ModelReadyRun
-    max_frames : int
-        Frames averaged when the run has no mean image file.
-
-    Returns
-    -------
-    ndarray, shape (96, 96, 96), float32
-    """
-    path = run.paths.get("mean")
-    if path is not None and Path(path).is_file():
-        import nibabel as nib
-
-        return np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
-    frames = np.asarray(run.data[: min(run.n_frames, max_frames)], dtype=np.float32)
-    return frames.mean(0)
-
-
-def draw_group_bars(fig: Any, series: Mapping[str, Mapping[str, float]], ylabel: str, title: str = "",
+def draw_group_bars(fig: Figure, series: Mapping[str, Mapping[str, float]], ylabel: str, title: str = "",
                     errors: Mapping[str, Mapping[str, float]] | None = None) -> None:
     """Grouped bar chart: one bar group per region group, one bar per series (e.g. run).
 
@@ -117,7 +98,7 @@ def draw_group_bars(fig: Any, series: Mapping[str, Mapping[str, float]], ylabel:
     ax.axhline(0, color="#444", lw=0.5)
 
 
-def draw_mean_and_mask(fig: Any, mean: np.ndarray, mask: np.ndarray, title: str = "") -> None:
+def draw_mean_and_mask(fig: Figure, mean: np.ndarray, mask: np.ndarray, title: str = "") -> None:
     """Three orthogonal slices of the mean image with the brain-mask outline.
 
     Parameters
@@ -142,7 +123,7 @@ def draw_mean_and_mask(fig: Any, mean: np.ndarray, mask: np.ndarray, title: str 
         fig.suptitle(title)
 
 
-def draw_reconstruction(fig: Any, example: Mapping[str, Any], title: str = "") -> None:
+def draw_reconstruction(fig: Figure, example: Mapping[str, Any], title: str = "") -> None:
     """Original / masked input / reconstruction, three views each (frame 0).
 
     Parameters
@@ -168,7 +149,7 @@ def draw_reconstruction(fig: Any, example: Mapping[str, Any], title: str = "") -
                     title=title or f"masked: {example.get('group', '?')} (frame 0; masked voxels blank)")
 
 
-def draw_region_values(fig: Any, background: np.ndarray | None, voxel_labels: np.ndarray,
+def draw_region_values(fig: Figure, background: np.ndarray | None, voxel_labels: np.ndarray,
                        values: Mapping[int, float], title: str = "", cmap: str = "hot",
                        label: str = "importance") -> None:
     """Paint a value per atlas label on its voxels over a background image (axial slices).

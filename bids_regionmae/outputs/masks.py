@@ -19,6 +19,8 @@ from bids_regionmae.atomic import atomic_path, atomic_write_json
 from bids_regionmae.grid import MODEL_AFFINE
 
 if TYPE_CHECKING:
+    import torch
+
     from bids_regionmae.masking import Masker
 
 __all__ = ["never_masked_labels", "write_mask_files"]
@@ -66,7 +68,7 @@ def write_mask_files(folder: Path, masker: Masker, record: Mapping[str, Any], pa
     return written
 
 
-def never_masked_labels(masker: Masker, voxel_labels: Any, labels: Sequence[int]) -> list[int]:
+def never_masked_labels(masker: Masker, voxel_labels: torch.Tensor, labels: Sequence[int]) -> list[int]:
     """Labels of the selected region with no voxel in any patch that gets masked (region strategies only)."""
     if not masker.kind.uses_regions or not labels:
         return []

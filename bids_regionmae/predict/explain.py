@@ -22,6 +22,8 @@ from bids_regionmae.predict.attribution import integrated_gradients, occlusion, 
 from bids_regionmae.predict.inference import iter_run_batches
 
 if TYPE_CHECKING:
+    from tqdm import tqdm
+
     from bids_regionmae.predict.context import RunContext
 
 __all__ = ["RunAttribution", "attribute_run"]
@@ -66,7 +68,7 @@ def _voxel_maps(labels: torch.Tensor, groups: Mapping[str, Sequence[int]]) -> di
     return out
 
 
-def _occlude(ctx: RunContext, target: int, bar: Any) -> tuple[str, str | None, dict[str, list[float]]]:
+def _occlude(ctx: RunContext, target: int, bar: tqdm) -> tuple[str, str | None, dict[str, list[float]]]:
     """Occlusion importance of every unit (group, optionally region) on every clip."""
     from bids_regionmae.predict.regionerror import group_patch_maps
 
@@ -92,7 +94,7 @@ def _occlude(ctx: RunContext, target: int, bar: Any) -> tuple[str, str | None, d
     return mode, note, sums
 
 
-def _integrate(ctx: RunContext, target: int, bar: Any, result: RunAttribution
+def _integrate(ctx: RunContext, target: int, bar: tqdm, result: RunAttribution
                ) -> tuple[dict[int, dict[str, list[float]]], dict[str, dict[str, list[float]]]]:
     """Integrated gradients of the first clips, projected onto labels and groups (fills ``result``'s IG fields)."""
     ig_label: dict[int, dict[str, list[float]]] = {}
@@ -151,7 +153,7 @@ def _rows(ctx: RunContext, sums: Mapping[str, list[float]], ig_label: Mapping[in
     return rows
 
 
-def attribute_run(ctx: RunContext, target: int, target_name: str, bar: Any) -> RunAttribution:
+def attribute_run(ctx: RunContext, target: int, target_name: str, bar: tqdm) -> RunAttribution:
     """Occlusion (every clip) and integrated gradients (the first clips) of the target output of one run.
 
     Parameters

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from bids_regionmae.outputs.figures import draw_group_bars, draw_region_values, mean_image, safe_figure
+from bids_regionmae.outputs.figures import draw_group_bars, draw_region_values, safe_figure
 from bids_regionmae.outputs.naming import group_paths
 from bids_regionmae.outputs.tables import read_tsv, write_table
 
@@ -118,7 +118,7 @@ def _background(output_dir: Path, participants: Sequence[str]) -> np.ndarray | N
     if not runs:
         return None
     try:
-        return mean_image(runs[0])
+        return runs[0].mean_image()
     except Exception:  # noqa: BLE001 - the figure falls back to the atlas outline
         return None
 

@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -41,6 +41,8 @@ from bids_regionmae.predict.writers import (
 )
 
 if TYPE_CHECKING:
+    from tqdm import tqdm
+
     from bids_regionmae.atlas import ModelGridAtlas
     from bids_regionmae.predict.models import PredictionModel
     from bids_regionmae.predict.regionerror import RegionErrorAccumulator
@@ -70,7 +72,7 @@ class Inference:
     region_error: RegionErrorAccumulator | None
 
 
-def infer(ctx: RunContext, bar: Any) -> Inference:
+def infer(ctx: RunContext, bar: tqdm) -> Inference:
     """Embeddings, outputs and the per-region reconstruction error of every clip of the run."""
     from bids_regionmae.predict.regionerror import RegionErrorAccumulator
 

@@ -192,6 +192,15 @@ class ModelReadyRun:
             rows = list(csv.DictReader(f, delimiter="\t"))
         return [(int(r["onset_frame"]), int(r["onset_frame"]) + int(r["n_frames"])) for r in rows]
 
+    def mean_image(self, max_frames: int = 50) -> np.ndarray:
+        """Mean image, shape (96, 96, 96) float32: the mean BOLD reference, else the mean of the first frames."""
+        path = self.paths.get("mean")
+        if path is not None and Path(path).is_file():
+            import nibabel as nib
+
+            return np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+        return np.asarray(self.data[: min(self.n_frames, max_frames)], dtype=np.float32).mean(0)
+
     def clip(self, index: int) -> np.ndarray:
         """One clip, shape (clip_length, 96, 96, 96), float16 (a view of the memory map)."""
         start, stop = self.clips[index]

@@ -17,7 +17,7 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,6 +36,10 @@ from bids_regionmae.evaluation.metrics import (
 )
 from bids_regionmae.outputs.tables import write_table
 from bids_regionmae.reports.html import HtmlReport, Markup, format_number
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +78,7 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def _write_tsv(path: Path, frame: Any) -> Path:
+def _write_tsv(path: Path, frame: pd.DataFrame) -> Path:
     try:
         write_table(path, frame.to_dict("records"), list(frame.columns), digits=6)
     except OSError as exc:
@@ -92,10 +96,10 @@ def _guard(write: Callable[[], Path]) -> Path:
 # --------------------------------------------------------------------------- figures
 
 
-def _draw_roc(fold_results: Sequence[FoldResult], class_names: Sequence[str] | None) -> Callable[[Any], None]:
+def _draw_roc(fold_results: Sequence[FoldResult], class_names: Sequence[str] | None) -> Callable[[Figure], None]:
     from sklearn.metrics import roc_curve
 
-    def draw(fig: Any) -> None:
+    def draw(fig: Figure) -> None:
         ax = fig.add_subplot(1, 1, 1)
         grid = np.linspace(0, 1, 101)
         tprs = []
@@ -131,10 +135,10 @@ def _draw_roc(fold_results: Sequence[FoldResult], class_names: Sequence[str] | N
 
 
 def _draw_roc_multiclass(fold_results: Sequence[FoldResult],
-                         class_names: Sequence[str]) -> Callable[[Any], None]:
+                         class_names: Sequence[str]) -> Callable[[Figure], None]:
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    def draw(fig: Any) -> None:
+    def draw(fig: Figure) -> None:
         ax = fig.add_subplot(1, 1, 1)
         y = np.concatenate([np.asarray(r.y_true, dtype=np.int64) for r in fold_results])
         prob = softmax(np.concatenate([np.asarray(r.outputs, dtype=np.float64) for r in fold_results]), axis=1)
@@ -153,8 +157,8 @@ def _draw_roc_multiclass(fold_results: Sequence[FoldResult],
     return draw
 
 
-def _draw_confusion(fold_results: Sequence[FoldResult], class_names: Sequence[str]) -> Callable[[Any], None]:
-    def draw(fig: Any) -> None:
+def _draw_confusion(fold_results: Sequence[FoldResult], class_names: Sequence[str]) -> Callable[[Figure], None]:
+    def draw(fig: Figure) -> None:
         mats = [("all folds", np.sum([np.asarray(r.metrics["confusion_matrix"]) for r in fold_results], axis=0))]
         if len(fold_results) > 1:
             mats += [(r.name, np.asarray(r.metrics["confusion_matrix"])) for r in fold_results]
@@ -178,8 +182,8 @@ def _draw_confusion(fold_results: Sequence[FoldResult], class_names: Sequence[st
     return draw
 
 
-def _draw_scatter(fold_results: Sequence[FoldResult]) -> Callable[[Any], None]:
-    def draw(fig: Any) -> None:
+def _draw_scatter(fold_results: Sequence[FoldResult]) -> Callable[[Figure], None]:
+    def draw(fig: Figure) -> None:
         ax = fig.add_subplot(1, 1, 1)
         lo, hi = math.inf, -math.inf
         for res in fold_results:
@@ -284,7 +288,7 @@ def write_evaluation(out_dir: str | Path, name: str, fold_results: Sequence[Fold
 
 
 def _evaluation_page(path: Path, name: str, fold_results: Sequence[FoldResult], task_kind: str,
-                     class_names: Sequence[str] | None, models: set[str], table: Any, n_folds: int,
+                     class_names: Sequence[str] | None, models: set[str], table: pd.DataFrame, n_folds: int,
                      summary: Mapping[str, Any], pooled: Mapping[str, Any] | None,
                      splits: Sequence[Mapping[str, Any]]) -> HtmlReport:
     """The page of :func:`write_evaluation`: summary, per-fold table, figures, splits."""
@@ -374,8 +378,8 @@ def comparison_row(strategy: str, summary: Mapping[str, Mapping[str, float]], re
     return row
 
 
-def _draw_comparison(frame: Any) -> Callable[[Any], None]:
-    def draw(fig: Any) -> None:
+def _draw_comparison(frame: pd.DataFrame) -> Callable[[Figure], None]:
+    def draw(fig: Figure) -> None:
         x = np.arange(len(frame))
         labels = frame["strategy"].astype(str).tolist()
         panels = [("acc", "ACC", True), ("auroc", "AUROC", True), ("recon_mse", "Recon. MSE (masked voxels)", False)]

@@ -25,6 +25,8 @@ from bids_regionmae.outputs.tables import write_table
 from bids_regionmae.reports.html import HtmlReport
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from bids_regionmae.evaluation.metrics import FoldResult
     from bids_regionmae.evaluation.splits import Split
     from bids_regionmae.finetune.cohort import Cohort
@@ -102,7 +104,7 @@ def draw_training_curves(model_dir: Path, split_names: Sequence[str]) -> Path | 
                    _read_log(model_dir / "folds" / name / "val_log.csv")) for name in split_names}
     logs["final"] = (_read_log(model_dir / "final" / "train_log.csv"), _read_log(model_dir / "final" / "val_log.csv"))
 
-    def draw(fig: Any) -> None:
+    def draw(fig: Figure) -> None:
         ax1, ax2 = fig.subplots(1, 2)
         for i, (name, (train, val)) in enumerate(logs.items()):
             color = "black" if name == "final" else f"C{i % 10}"

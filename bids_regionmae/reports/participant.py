@@ -32,7 +32,6 @@ from bids_regionmae.outputs.figures import (
     draw_group_bars,
     draw_mean_and_mask,
     draw_region_values,
-    mean_image,
     safe_figure,
 )
 from bids_regionmae.outputs.naming import figure_path, join_label, report_path, subject_figure_path
@@ -246,7 +245,7 @@ def _mean_section(report: HtmlReport, output_dir: Path, runs: Sequence[Any]) -> 
     for run in runs:
         figure = None
         try:
-            mean = mean_image(run)
+            mean = run.mean_image()
             mask = np.asarray(run.mask, dtype=bool)
             figure = safe_figure(figure_path(output_dir, run.entities, "meanmask", ".png"), draw_mean_and_mask,
                                  mean, mask, run.run_id, figsize=(9, 3.3))
@@ -365,7 +364,7 @@ def _attribution_brain_figure(output_dir: Path, subject: str, label: str, rows: 
               if r.get("level") == "region" and isinstance(r.get("index"), int) and "ig_mean_abs" in r}
     if not values:
         return None
-    background = mean_image(runs[0]) if runs else None
+    background = runs[0].mean_image() if runs else None
     path = subject_figure_path(output_dir, subject, join_label("attribution", label), ".png")
     return safe_figure(path, draw_region_values, background, atlas.voxel_labels, values,
                        f"sub-{subject}: integrated gradients per region ({label})", label="mean |IG|",

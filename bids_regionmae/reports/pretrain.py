@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bids_regionmae.outputs.figures import center_of, draw_reconstruction, mean_image, orthogonal_views, safe_figure
+from bids_regionmae.outputs.figures import center_of, draw_reconstruction, orthogonal_views, safe_figure
 from bids_regionmae.reports.html import HtmlReport, format_number
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from bids_regionmae.masking import Masker, MaskingPlan
     from bids_regionmae.models.model_dir import ModelDirLayout
     from bids_regionmae.preprocess.store import ModelReadyRun
@@ -74,7 +76,7 @@ class PretrainRecord:
 # --------------------------------------------------------------------------- figures
 
 
-def draw_curves(fig: Any, history: Sequence[Mapping[str, Any]], val_history: Sequence[Mapping[str, Any]]) -> None:
+def draw_curves(fig: Figure, history: Sequence[Mapping[str, Any]], val_history: Sequence[Mapping[str, Any]]) -> None:
     """Training loss per step (raw and smoothed) with validation loss; validation MSE per lobe."""
     ax1, ax2 = fig.subplots(1, 2)
     steps = [r["step"] for r in history]
@@ -104,7 +106,7 @@ def draw_curves(fig: Any, history: Sequence[Mapping[str, Any]], val_history: Seq
         ax2.text(0.5, 0.5, "no validation set", ha="center", va="center", transform=ax2.transAxes)
 
 
-def draw_mask(fig: Any, background: np.ndarray, region: np.ndarray, title: str) -> None:
+def draw_mask(fig: Figure, background: np.ndarray, region: np.ndarray, title: str) -> None:
     """The masked region over a background image, three views through its centre."""
     axes = fig.subplots(1, 3)
     center = center_of(region)
@@ -134,7 +136,7 @@ def _figures(layout: ModelDirLayout, record: PretrainRecord, runs: Sequence[Mode
         plan = record.plan
         title = (f"masked region: {plan.region}" if plan.uses_regions
                  else f"{plan.strategy}: candidate patches (ratio {record.masker.ratio})")
-        mask_fig = safe_figure(figures / "masked_region.png", draw_mask, mean_image(runs[0], max_frames=10),
+        mask_fig = safe_figure(figures / "masked_region.png", draw_mask, runs[0].mean_image(max_frames=10),
                                region_voxels, title, figsize=(11, 4))
     except Exception as exc:  # noqa: BLE001 - a figure never fails a run
         LOGGER.warning("could not draw the masked-region figure: %s", exc)

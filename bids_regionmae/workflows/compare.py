@@ -52,16 +52,29 @@ import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from bids_regionmae.atomic import atomic_write_json
 from bids_regionmae.choices import MASK_STRATEGIES
 from bids_regionmae.config import MaskingConfig, RunConfig
 from bids_regionmae.errors import EXIT_OK, UsageError
+from bids_regionmae.evaluation.splits import save_splits
+from bids_regionmae.finetune.cv import pooled_summary, summary_floats
+from bids_regionmae.masking import MaskingPlan
+from bids_regionmae.models.mamba import resolve_backend
+from bids_regionmae.models.model_dir import ModelDir
+from bids_regionmae.models.registry import get_spec
+from bids_regionmae.outputs.naming import compare_dir, pretrain_dir_name
+from bids_regionmae.reports.evaluation import comparison_row, write_comparison
+from bids_regionmae.train.data import ClipDataset
+from bids_regionmae.train.engine import EvalContext, resolve_precision
+from bids_regionmae.train.pretrain import MaskingSetup, make_eval_fn
+from bids_regionmae.workflows.finetune import baseline_for, evaluation_splits, load_cohort, run_finetune
+from bids_regionmae.workflows.pretrain import load_data, pretrain_model
 from bids_regionmae.workflows.session import Session, open_session, seed_everything
-
-if TYPE_CHECKING:
-    from bids_regionmae.masking import MaskingPlan
-    from bids_regionmae.models.model_dir import ModelDir
 
 LOGGER = logging.getLogger(__name__)
 
@@ -107,9 +120,6 @@ def entry_masking(masking: MaskingConfig, entry: str) -> MaskingConfig:
 
 def _plans(session: Session, strategies: list[str]) -> dict[str, tuple[MaskingPlan, Path]]:
     """Masking plan and pretraining directory of every entry (region names are checked here, before training)."""
-    from bids_regionmae.models.registry import get_spec
-    from bids_regionmae.outputs.naming import pretrain_dir_name
-
     config = session.config
     variant = get_spec(config.model.variant).name
     out = {}
@@ -123,9 +133,6 @@ def _plans(session: Session, strategies: list[str]) -> dict[str, tuple[MaskingPl
 
 def _pretrained(session: Session, entry: str, plan: MaskingPlan, model_dir: Path) -> ModelDir:
     """The pretraining directory of ``entry``: trained now unless a finished one exists (and --resume)."""
-    from bids_regionmae.models.model_dir import ModelDir
-    from bids_regionmae.workflows.pretrain import pretrain_model
-
     config = session.config
     done = ModelDir.is_saved(model_dir) and (model_dir / "training_summary.json").is_file()
     if done and config.train.resume:
@@ -148,13 +155,6 @@ def compare(session: Session, strategies: list[str]) -> Path:
     Path
         The comparison folder.
     """
-    from bids_regionmae.atomic import atomic_write_json
-    from bids_regionmae.evaluation.splits import save_splits
-    from bids_regionmae.finetune.cv import pooled_summary, summary_floats
-    from bids_regionmae.outputs.naming import compare_dir
-    from bids_regionmae.reports.evaluation import comparison_row, write_comparison
-    from bids_regionmae.workflows.finetune import baseline_for, evaluation_splits, load_cohort, run_finetune
-
     config = session.config
     plans = _plans(session, strategies)
     cohort = load_cohort(session)
@@ -217,15 +217,6 @@ def common_reconstruction_mse(session: Session, pretrained: ModelDir, *,
     dict
         ``mse`` (float, NaN without clips), ``n_clips``, ``mask_ratio``, ``participants``.
     """
-    import torch
-    from torch.utils.data import DataLoader, Subset
-
-    from bids_regionmae.masking import MaskingPlan
-    from bids_regionmae.models.mamba import resolve_backend
-    from bids_regionmae.train.data import ClipDataset
-    from bids_regionmae.train.engine import EvalContext, resolve_precision
-    from bids_regionmae.train.pretrain import MaskingSetup, make_eval_fn
-    from bids_regionmae.workflows.pretrain import load_data
 
     config, device = session.config, session.device
     data_record = pretrained.meta.data

@@ -52,8 +52,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bids_regionmae.atomic import atomic_write_json
+from bids_regionmae.bids.labels import label_tables, load_labels
 from bids_regionmae.config import RunConfig
 from bids_regionmae.errors import EXIT_OK, UsageError
+from bids_regionmae.evaluation.splits import save_splits
+from bids_regionmae.finetune.cohort import baseline_results, build_cohort, cv_splits, final_split
+from bids_regionmae.finetune.cv import Finetuner, check_scored_subjects, pooled_summary, summary_floats
+from bids_regionmae.finetune.data import LabelledClips
+from bids_regionmae.finetune.model import random_encoder
+from bids_regionmae.models.mamba import resolve_backend
+from bids_regionmae.models.model_dir import DataRecord, ModelDir, Provenance, TaskHead
+from bids_regionmae.models.registry import get_spec
+from bids_regionmae.outputs.naming import finetune_dir_name
+from bids_regionmae.reports.evaluation import comparison_row, write_comparison, write_evaluation
+from bids_regionmae.reports.finetune import (
+    draw_training_curves,
+    write_finetune_report,
+    write_labels_table,
+    write_predictions_table,
+)
+from bids_regionmae.train.data import ClipDataset
+from bids_regionmae.train.engine import TrainSettings, resolve_precision
 from bids_regionmae.workflows.session import Session, open_session
 
 if TYPE_CHECKING:
@@ -62,8 +82,7 @@ if TYPE_CHECKING:
     from bids_regionmae.evaluation.metrics import FoldResult
     from bids_regionmae.evaluation.splits import Split
     from bids_regionmae.finetune.cohort import Cohort
-    from bids_regionmae.finetune.cv import Finetuner, SplitOutcome
-    from bids_regionmae.models.model_dir import ModelDir
+    from bids_regionmae.finetune.cv import SplitOutcome
     from bids_regionmae.models.spec import ModelSpec
 
 LOGGER = logging.getLogger(__name__)
@@ -111,10 +130,6 @@ def load_cohort(session: Session) -> Cohort:
     InputMissingError
         No model-ready runs; no participants table.
     """
-    from bids_regionmae.bids.labels import label_tables, load_labels
-    from bids_regionmae.finetune.cohort import build_cohort
-    from bids_regionmae.models.registry import get_spec
-
     config = session.config
     target = config.finetune.target
     if not target:
@@ -132,8 +147,6 @@ def load_cohort(session: Session) -> Cohort:
 
 def evaluation_splits(session: Session, cohort: Cohort) -> list[Split]:
     """The cross-validation splits of the session's settings (see :func:`bids_regionmae.finetune.cohort.cv_splits`)."""
-    from bids_regionmae.finetune.cohort import cv_splits
-
     config = session.config
     return cv_splits(cohort, folds=config.finetune.folds, val_fraction=config.train.val_fraction, seed=config.seed,
                      group_column=config.finetune.group_column)
@@ -142,8 +155,6 @@ def evaluation_splits(session: Session, cohort: Cohort) -> list[Split]:
 def baseline_for(session: Session, cohort: Cohort, splits: Sequence[Split], cache: Path | None
                  ) -> list[FoldResult] | None:
     """The connectivity baseline on ``splits`` (None, logged, when it fails: the models still stand)."""
-    from bids_regionmae.finetune.cohort import baseline_results
-
     atlas = session.atlas
     try:
         return baseline_results(cohort, splits, voxel_labels=atlas.voxel_labels, label_names=atlas.names,
@@ -170,7 +181,6 @@ class FinetuneResult:
     summary : dict
         Mean/sd over folds per metric.
     """
-
     model_dir: Path
     fold_results: list[FoldResult]
     baseline: list[FoldResult] | None
@@ -178,7 +188,6 @@ class FinetuneResult:
 
 
 def _starting_encoder(session: Session, pretrained: ModelDir | None, backend: str) -> tuple[nn.Module, ModelSpec]:
-    from bids_regionmae.finetune.model import random_encoder
 
     config = session.config
     if pretrained is not None:
@@ -210,7 +219,6 @@ def _fingerprint(session: Session, cohort: Cohort, splits: Sequence[Split], pret
 
 
 def _check_fingerprint(model_dir: Path, fingerprint: Mapping[str, Any], resume: bool, is_main: bool) -> None:
-    from bids_regionmae.atomic import atomic_write_json
 
     path = model_dir / FINGERPRINT_FILE
     if path.is_file():
@@ -233,9 +241,6 @@ def _check_fingerprint(model_dir: Path, fingerprint: Mapping[str, Any], resume: 
 def _prepare_dir(session: Session, cohort: Cohort, splits: Sequence[Split], final: Split, model_dir: Path,
                  fingerprint: Mapping[str, Any], env: Mapping[str, Any]) -> None:
     """Check the fingerprint, record the configuration, splits and labels (rank 0); then wait for every rank."""
-    from bids_regionmae.evaluation.splits import save_splits
-    from bids_regionmae.reports.finetune import write_labels_table
-
     config = session.config
     if session.is_main:
         model_dir.mkdir(parents=True, exist_ok=True)
@@ -254,10 +259,6 @@ def _prepare_dir(session: Session, cohort: Cohort, splits: Sequence[Split], fina
 def _write_evaluation(model_dir: Path, name: str, cohort: Cohort, fold_results: list[FoldResult],
                       baseline: list[FoldResult] | None, mode: str) -> None:
     """Rank 0: metrics, predictions and the model-vs-baseline table."""
-    from bids_regionmae.finetune.cv import pooled_summary, summary_floats
-    from bids_regionmae.reports.evaluation import comparison_row, write_comparison, write_evaluation
-    from bids_regionmae.reports.finetune import write_predictions_table
-
     task = cohort.task
     class_names = list(task.class_names) or None
     write_evaluation(model_dir, "finetune", fold_results, task.kind, class_names)
@@ -274,8 +275,6 @@ def _write_evaluation(model_dir: Path, name: str, cohort: Cohort, fold_results: 
 def _refit(session: Session, tuner: Finetuner, final: Split, cohort: Cohort, pretrained: ModelDir | None,
            summary: Mapping[str, Any], splits: Sequence[Split], model_dir: Path) -> dict[str, Any] | None:
     """The deliverable model: reused when a finished run saved it, else trained on ``final`` and saved."""
-    from bids_regionmae.models.model_dir import ModelDir
-
     done = model_dir / SUMMARY_FILE
     if done.is_file() and session.config.train.resume and ModelDir.is_saved(model_dir):
         LOGGER.info("final model already saved in %s", model_dir)
@@ -291,7 +290,6 @@ def _refit(session: Session, tuner: Finetuner, final: Split, cohort: Cohort, pre
 
 def _save_model(model_dir: Path, outcome: SplitOutcome, cohort: Cohort, config: RunConfig,
                 pretrained: ModelDir | None, final: Split, summary: Mapping[str, Any], splits: Sequence[Split]) -> None:
-    from bids_regionmae.models.model_dir import DataRecord, ModelDir, Provenance, TaskHead
 
     task = cohort.task
     balance = dict(outcome.loss.balance)
@@ -333,16 +331,6 @@ def run_finetune(session: Session, cohort: Cohort, splits: Sequence[Split], *, p
     -------
     FinetuneResult
     """
-    from bids_regionmae.atomic import atomic_write_json
-    from bids_regionmae.finetune.cohort import final_split
-    from bids_regionmae.finetune.cv import Finetuner, check_scored_subjects, pooled_summary
-    from bids_regionmae.finetune.data import LabelledClips
-    from bids_regionmae.models.mamba import resolve_backend
-    from bids_regionmae.outputs.naming import finetune_dir_name
-    from bids_regionmae.reports.finetune import draw_training_curves, write_finetune_report
-    from bids_regionmae.train.data import ClipDataset
-    from bids_regionmae.train.engine import TrainSettings, resolve_precision
-
     config, task = session.config, cohort.task
     backend = resolve_backend(config.model.backend, session.device)
     encoder, spec = _starting_encoder(session, pretrained, backend)

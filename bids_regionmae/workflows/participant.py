@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 
+from bids_regionmae.bids import discover_runs
 from bids_regionmae.config import RunConfig
 from bids_regionmae.errors import EXIT_ERROR, EXIT_OK
+from bids_regionmae.preprocess import preprocess_runs
+from bids_regionmae.reports.participant import write_participant_reports
 from bids_regionmae.workflows.session import Session, open_session
 
 LOGGER = logging.getLogger(__name__)
@@ -28,10 +31,6 @@ def run(config: RunConfig) -> int:
 
 def preprocess(session: Session) -> int:
     """Discover, preprocess and report the runs selected by ``session.config`` (see :func:`run`)."""
-    from bids_regionmae.bids import discover_runs
-    from bids_regionmae.preprocess import preprocess_runs
-    from bids_regionmae.reports.participant import write_participant_reports
-
     config = session.config
     discovery = discover_runs(config.bids_dir, config.inputs, work_dir=session.work_dir)
     LOGGER.info("found %d runs of %d participants (%d files skipped)", len(discovery.runs),

@@ -22,6 +22,14 @@ from typing import TYPE_CHECKING
 
 from bids_regionmae.config import RunConfig
 from bids_regionmae.errors import EXIT_ERROR, EXIT_OK, InputMissingError, UsageError
+from bids_regionmae.outputs.status import record_status
+from bids_regionmae.predict.group import write_group_outputs
+from bids_regionmae.predict.models import load_prediction_model
+from bids_regionmae.predict.run import PredictSettings, predict_many
+from bids_regionmae.reports.group import write_group_report
+from bids_regionmae.reports.methods import write_citation
+from bids_regionmae.reports.participant import write_participant_reports
+from bids_regionmae.workflows.participant import preprocess
 from bids_regionmae.workflows.session import Session, open_session
 
 if TYPE_CHECKING:
@@ -73,8 +81,6 @@ def select_participants(session: Session) -> tuple[dict[str, list[ModelReadyRun]
 
 def _preprocess_missing(session: Session, missing: list[str]) -> str | None:
     """Run participant level (preprocessing) for ``missing``; the error text if it failed."""
-    from bids_regionmae.workflows.participant import preprocess
-
     config = session.config
     inputs = config.inputs.model_copy(update={"participant_label": tuple(missing)})
     pre_config = config.model_copy(update={"stage": "preprocess", "model_dir": None, "inputs": inputs})
@@ -108,14 +114,6 @@ def _runs_and_failures(session: Session) -> tuple[dict[str, list[ModelReadyRun]]
 
 def predict(session: Session) -> int:
     """Predict the selected participants with ``--model`` (see :func:`run`)."""
-    from bids_regionmae.outputs.status import record_status
-    from bids_regionmae.predict.group import write_group_outputs
-    from bids_regionmae.predict.models import load_prediction_model
-    from bids_regionmae.predict.run import PredictSettings, predict_many
-    from bids_regionmae.reports.group import write_group_report
-    from bids_regionmae.reports.methods import write_citation
-    from bids_regionmae.reports.participant import write_participant_reports
-
     config, output_dir = session.config, session.output_dir
     model = load_prediction_model(session.model, backend=config.model.backend)
     runs, failures = _runs_and_failures(session)

@@ -38,19 +38,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
+from bids_regionmae.atomic import atomic_write_json
 from bids_regionmae.config import RunConfig
 from bids_regionmae.errors import EXIT_OK, InputMissingError
+from bids_regionmae.grid import MODEL_SHAPE, downsample_factors, downsample_mask
+from bids_regionmae.models.mamba import resolve_backend
+from bids_regionmae.models.model_dir import DataRecord, ModelDir, Provenance
+from bids_regionmae.models.registry import create_mae, get_spec
+from bids_regionmae.outputs.masks import never_masked_labels, write_mask_files
+from bids_regionmae.outputs.naming import pretrain_dir_name
+from bids_regionmae.outputs.tables import write_table
+from bids_regionmae.preprocess.store import data_manifest
+from bids_regionmae.reports.pretrain import PretrainRecord, write_pretrain_report
+from bids_regionmae.train.data import ClipDataset, split_participants
+from bids_regionmae.train.engine import TrainSettings, derive_seed, resolve_precision
+from bids_regionmae.train.pretrain import MaskingSetup, final_region_errors, pretrain, summarize_training
 from bids_regionmae.workflows.session import Session, open_session
 
 if TYPE_CHECKING:
-    import torch
-
     from bids_regionmae.masking import Masker, MaskingPlan
     from bids_regionmae.models.spec import ModelSpec
     from bids_regionmae.preprocess.store import ModelReadyRun
-    from bids_regionmae.train.data import ClipDataset
     from bids_regionmae.train.engine import Trainer, TrainResult
-    from bids_regionmae.train.pretrain import MaskingSetup
 
 LOGGER = logging.getLogger(__name__)
 
@@ -103,7 +114,6 @@ class PretrainData:
     background : float
         The store's background value.
     """
-
     runs: list[ModelReadyRun]
     spec: ModelSpec
     factors: tuple[int, int, int]
@@ -128,10 +138,6 @@ def load_data(session: Session, spec: ModelSpec) -> PretrainData:
     InputMissingError
         No model-ready run, or no training clip of the model's length.
     """
-    import torch
-
-    from bids_regionmae.grid import MODEL_SHAPE, downsample_factors, downsample_mask
-    from bids_regionmae.train.data import ClipDataset, split_participants
 
     config = session.config
     runs = session.model_ready_runs()
@@ -159,12 +165,6 @@ def pretrain_model(session: Session, plan: MaskingPlan | None = None) -> Path:
     Path
         The model directory (written by rank 0 only).
     """
-    from bids_regionmae.models.mamba import resolve_backend
-    from bids_regionmae.models.registry import get_spec
-    from bids_regionmae.outputs.naming import pretrain_dir_name
-    from bids_regionmae.train.engine import resolve_precision
-    from bids_regionmae.train.pretrain import MaskingSetup
-
     config = session.config
     plan = plan or session.masking_plan()
     spec = get_spec(config.model.variant)
@@ -194,11 +194,7 @@ def pretrain_model(session: Session, plan: MaskingPlan | None = None) -> Path:
 
 def _train(session: Session, plan: MaskingPlan, data: PretrainData, setup: MaskingSetup, model_dir: Path, *,
            backend: str, precision: str) -> tuple[Trainer, TrainResult]:
-    import torch
 
-    from bids_regionmae.models.registry import create_mae
-    from bids_regionmae.train.engine import TrainSettings, derive_seed
-    from bids_regionmae.train.pretrain import pretrain
 
     config, spec = session.config, data.spec
     torch.manual_seed(derive_seed(config.seed, STREAM_INIT))
@@ -228,13 +224,6 @@ def _write_model_dir(session: Session, plan: MaskingPlan, data: PretrainData, ma
                      trainer: Trainer, result: TrainResult, model_dir: Path, *, wall: float,
                      env: dict[str, object]) -> None:
     """Rank 0: weights and metadata, configuration, masks, summary, per-region MSE and the report."""
-    from bids_regionmae.atomic import atomic_write_json
-    from bids_regionmae.models.model_dir import DataRecord, ModelDir, Provenance
-    from bids_regionmae.outputs.masks import never_masked_labels, write_mask_files
-    from bids_regionmae.preprocess.store import data_manifest
-    from bids_regionmae.reports.pretrain import PretrainRecord, write_pretrain_report
-    from bids_regionmae.train.pretrain import final_region_errors, summarize_training
-
     config, spec, atlas = session.config, data.spec, session.atlas
     clips_per_run: dict[str, int] = {}
     for dataset in (data.train_set, data.val_set):
@@ -281,8 +270,6 @@ def _write_model_dir(session: Session, plan: MaskingPlan, data: PretrainData, ma
 
 def _write_region_mse(path: Path, group_mse: dict, region_mse: dict, names: dict[int, str]) -> None:
     """``region_mse.tsv``: masked-voxel MSE per lobe, then per atlas region."""
-    from bids_regionmae.outputs.tables import write_table
-
     if not group_mse and not region_mse:
         return
     rows = [{"level": "lobe", "index": "n/a", "name": g, "mse": v["mse"], "n_clips": v["n_clips"]}
