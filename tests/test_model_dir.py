@@ -21,9 +21,9 @@ from bids_regionmae.atlas.regions import LOBE_GROUPS
 from bids_regionmae.errors import EXIT_INPUT_MISSING, EXIT_USAGE
 from bids_regionmae.masking import MaskingPlan
 from bids_regionmae.models.heads import FinetuneModel
-from bids_regionmae.models.model_dir import (
+from bids_regionmae.models.model_dir import ModelDir
+from bids_regionmae.models.model_record import (
     DataRecord,
-    ModelDir,
     ModelDirCorruptError,
     ModelDirMissingError,
     ModelDirTooNewError,

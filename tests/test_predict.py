@@ -93,7 +93,8 @@ def save_micro_models(out: Path, n_classes: int = 3, seed: int = 0) -> tuple[Pat
     from bids_regionmae.atlas.regions import LOBE_GROUPS
     from bids_regionmae.masking import MaskingPlan
     from bids_regionmae.models.heads import FinetuneModel
-    from bids_regionmae.models.model_dir import DataRecord, ModelDir, Provenance, TaskHead
+    from bids_regionmae.models.model_dir import ModelDir
+    from bids_regionmae.models.model_record import DataRecord, Provenance, TaskHead
     from bids_regionmae.models.registry import create_mae, get_spec
 
     spec = get_spec("tiny", **SPEC_OVERRIDES)

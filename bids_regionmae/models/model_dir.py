@@ -59,7 +59,6 @@ from bids_regionmae.models.model_record import (
     ModelDirLayout,
     ModelDirMissingError,
     ModelDirTooNewError,
-    ModelDirTooOldError,
     ModelMeta,
     NotAModelDirError,
     ParentRef,
@@ -79,24 +78,7 @@ if TYPE_CHECKING:
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = [
-    "FORMAT_VERSION",
-    "STAGES",
-    "DataRecord",
-    "ModelDir",
-    "ModelDirCorruptError",
-    "ModelDirLayout",
-    "ModelDirMissingError",
-    "ModelDirTooNewError",
-    "ModelDirTooOldError",
-    "ModelMeta",
-    "NotAModelDirError",
-    "ParentRef",
-    "Provenance",
-    "TaskHead",
-    "WrongModelKindError",
-    "migrate_v1",
-]
+__all__ = ["ModelDir"]
 
 # ----------------------------------------------------------------------------- the directory
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from bids_regionmae.masking import Masker, MaskingPlan
-    from bids_regionmae.models.model_dir import ModelDirLayout
+    from bids_regionmae.models.model_record import ModelDirLayout
     from bids_regionmae.preprocess.store import ModelReadyRun
 
 LOGGER = logging.getLogger(__name__)

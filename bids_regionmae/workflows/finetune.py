@@ -62,7 +62,8 @@ from bids_regionmae.finetune.cv import Finetuner, check_scored_subjects, pooled_
 from bids_regionmae.finetune.data import LabelledClips
 from bids_regionmae.finetune.model import random_encoder
 from bids_regionmae.models.mamba import resolve_backend
-from bids_regionmae.models.model_dir import DataRecord, ModelDir, Provenance, TaskHead
+from bids_regionmae.models.model_dir import ModelDir
+from bids_regionmae.models.model_record import DataRecord, Provenance, TaskHead
 from bids_regionmae.models.registry import get_spec
 from bids_regionmae.outputs.naming import finetune_dir_name
 from bids_regionmae.reports.evaluation import comparison_row, write_comparison, write_evaluation

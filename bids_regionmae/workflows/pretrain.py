@@ -45,7 +45,8 @@ from bids_regionmae.config import RunConfig
 from bids_regionmae.errors import EXIT_OK, InputMissingError
 from bids_regionmae.grid import MODEL_SHAPE, downsample_factors, downsample_mask
 from bids_regionmae.models.mamba import resolve_backend
-from bids_regionmae.models.model_dir import DataRecord, ModelDir, Provenance
+from bids_regionmae.models.model_dir import ModelDir
+from bids_regionmae.models.model_record import DataRecord, Provenance
 from bids_regionmae.models.registry import create_mae, get_spec
 from bids_regionmae.outputs.masks import never_masked_labels, write_mask_files
 from bids_regionmae.outputs.naming import pretrain_dir_name
