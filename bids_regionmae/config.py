@@ -31,6 +31,9 @@ from bids_regionmae.choices import (
 )
 from bids_regionmae.errors import InputMissingError, UsageError
 
+#: File name of the resolved configuration written next to a stage's outputs (model directories, comparisons).
+CONFIG_FILE_NAME = "regionmae_config.toml"
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -63,7 +63,6 @@ import json
 import os
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,7 +83,7 @@ from bids_regionmae.bids.filters import (
     parse_space_specs,
 )
 from bids_regionmae.bids.index import DatasetIndex, FileEntry, build_index, load_results, save_results
-from bids_regionmae.bids.records import RunRecord
+from bids_regionmae.bids.records import DiscoveryReport, DiscoveryResult, RunRecord
 from bids_regionmae.bids.validate import check_dataset_description, is_derivative_description
 from bids_regionmae.errors import (
     InputMissingError,
@@ -95,86 +94,6 @@ from bids_regionmae.errors import (
 
 if TYPE_CHECKING:
     from bids_regionmae.config import InputConfig
-
-@dataclass
-class DiscoveryReport:
-    """What discovery found, skipped and warned about.
-
-    Attributes
-    ----------
-    skipped : list of Skipped
-        Runs that matched the filters but cannot be used, with the reason.
-    warnings : list of str
-        Non-fatal findings (TR mismatches, missing confounds, mixed spaces ...).
-    available : dict
-        Labels present in the dataset: ``participants``, ``sessions``,
-        ``tasks``, ``runs``, ``spaces``.
-    cache : str
-        ``"off"``, ``"miss"``, ``"hit"`` or ``"rebuilt"``.
-    backend : str
-        Indexer used (``"fast"`` or ``"pybids"``).
-    seconds : float
-        Wall time of the discovery.
-    n_runs : int
-        Number of usable runs.
-    """
-
-    skipped: list[Skipped] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    available: dict[str, list[str]] = field(default_factory=dict)
-    cache: str = "off"
-    backend: str = "fast"
-    seconds: float = 0.0
-    n_runs: int = 0
-
-    def summary(self, max_items: int = 20) -> str:
-        """Human-readable multi-line summary (long lists are truncated)."""
-        lines = [f"{self.n_runs} run(s) found, {len(self.skipped)} skipped "
-                 f"(index: {self.backend}, cache {self.cache}, {self.seconds:.2f} s)."]
-        for item in self.skipped[:max_items]:
-            lines.append(f"  skipped {item.path}: {item.reason}")
-        if len(self.skipped) > max_items:
-            lines.append(f"  ... and {len(self.skipped) - max_items} more skipped")
-        for text in self.warnings[:max_items]:
-            lines.append(f"  warning: {text}")
-        if len(self.warnings) > max_items:
-            lines.append(f"  ... and {len(self.warnings) - max_items} more warnings")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form (for reports and logs)."""
-        return {"n_runs": self.n_runs, "skipped": [list(s) for s in self.skipped],
-                "warnings": list(self.warnings), "available": self.available, "cache": self.cache,
-                "backend": self.backend, "seconds": round(self.seconds, 4)}
-
-
-@dataclass
-class DiscoveryResult:
-    """Output of :func:`discover_runs`.
-
-    Attributes
-    ----------
-    runs : list of RunRecord
-        Usable runs, sorted by participant, session, task, other entities, run.
-    skipped : list of Skipped
-        ``(path, reason)`` for runs that matched but cannot be used.
-    fmriprep_dir : Path
-        The fMRIPrep dataset that was read.
-    raw_dir : Path or None
-        The raw BIDS dataset, when known.
-    participants : list of str
-        Labels (no ``sub-``) of participants with at least one usable run.
-    report : DiscoveryReport
-        Full report (includes ``skipped``).
-    """
-
-    runs: list[RunRecord]
-    skipped: list[Skipped]
-    fmriprep_dir: Path
-    raw_dir: Path | None
-    participants: list[str]
-    report: DiscoveryReport = field(default_factory=DiscoveryReport)
-
 
 # --------------------------------------------------------------------------- locate
 

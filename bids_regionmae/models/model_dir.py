@@ -45,7 +45,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bids_regionmae.atomic import atomic_write_json, atomic_write_text
+from bids_regionmae.atomic import atomic_write_json
 from bids_regionmae.choices import DEFAULT_INPUT_CONVENTION, INPUT_CONVENTIONS
 from bids_regionmae.errors import InputDataError, InputMissingError, UsageError
 from bids_regionmae.masking.plan import MaskingPlan
@@ -334,8 +334,5 @@ class ModelDir:
         save_model(layout.root, model, extra=dict(extra or {}), record=meta.sections())
         return cls.open(layout.root)
 
-    def write_config(self, text: str) -> Path:
-        """Write ``regionmae_config.toml`` (the resolved configuration)."""
-        return atomic_write_text(self.layout.config, text)
 
 

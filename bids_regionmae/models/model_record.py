@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bids_regionmae.choices import DEFAULT_INPUT_CONVENTION, INPUT_CONVENTIONS
+from bids_regionmae.config import CONFIG_FILE_NAME
 from bids_regionmae.errors import InputDataError, InputMissingError, UsageError
 from bids_regionmae.masking.plan import MaskingPlan
 from bids_regionmae.models.checkpoint import META_NAME, WEIGHTS_NAME
@@ -284,7 +285,7 @@ class ModelDirLayout:
 
     @property
     def config(self) -> Path:
-        return self.root / "regionmae_config.toml"
+        return self.root / CONFIG_FILE_NAME
 
     @property
     def manifest(self) -> Path:

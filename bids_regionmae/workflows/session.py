@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bids_regionmae.atomic import atomic_write_text
-from bids_regionmae.config import MaskingConfig, RunConfig, config_to_toml, environment_record
+from bids_regionmae.config import CONFIG_FILE_NAME, MaskingConfig, RunConfig, config_to_toml, environment_record
 from bids_regionmae.errors import DeviceUnavailableError, InputMissingError, OutputError
 
 if TYPE_CHECKING:
@@ -253,7 +253,7 @@ class Session:
         Parameters
         ----------
         directory : Path, optional
-            Where to write ``regionmae_config.toml`` (e.g. a model directory);
+            Where to write :data:`~bids_regionmae.config.CONFIG_FILE_NAME` (e.g. a model directory);
             by default ``logs/`` under a name unique to this invocation.
         **environment
             Extra facts to record (backend, precision, world size...).
@@ -265,7 +265,7 @@ class Session:
         if directory is None:
             path = self.logs_dir / f"regionmae_{self.config.analysis_level}_{self.stage}_{self.run_id}.toml"
         else:
-            path = Path(directory) / "regionmae_config.toml"
+            path = Path(directory) / CONFIG_FILE_NAME
         return atomic_write_text(path, text)
 
     def barrier(self) -> None:
