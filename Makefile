@@ -28,13 +28,15 @@ cuda: venv
 demo: venv
 	$(BIN)/regionmae-demo $(DEMO_DIR)
 
-# (2) The tests (and lint).
+# (2) The tests (and lint: ruff, and the layering contracts of pyproject.toml with import-linter).
 test: venv
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 clean:
-	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache
+	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache .grimp_cache

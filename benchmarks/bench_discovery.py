@@ -70,7 +70,7 @@ print(json.dumps(out))
 
 def generate(root: Path, participants: int, runs: int) -> float:
     """Write the cluttered tree; return seconds."""
-    from bids_regionmae.bids.testing import make_fmriprep_tree
+    from bids_regionmae.testing.fmriprep import make_fmriprep_tree
 
     t0 = time.perf_counter()
     make_fmriprep_tree(root, subjects=[f"{i:04d}" for i in range(1, participants + 1)],

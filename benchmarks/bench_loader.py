@@ -12,7 +12,7 @@ Measures, on this machine:
 
 and says, per worker count, whether the loader keeps up with each model.
 The store is a synthetic one written in the participant-level format
-(:func:`bids_regionmae.train.testing.write_synthetic_store`) unless
+(:func:`bids_regionmae.testing.store.write_synthetic_store`) unless
 ``--store OUTPUT_DIR`` points at real participant-level outputs. The page
 cache is warm (the store was just written or read); a cold cache on a
 network file system is slower.
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bids_regionmae.models.registry import get_spec
     from bids_regionmae.preprocess.store import find_model_ready_runs
-    from bids_regionmae.train.testing import write_synthetic_store
+    from bids_regionmae.testing.store import write_synthetic_store
 
     config = {"variants": variants, "workers": args.workers, "batch_size": args.batch_size,
               "timed_batches": n_batches, "model_steps": model_steps, "device": args.device,

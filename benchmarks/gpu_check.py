@@ -1111,9 +1111,9 @@ class _Bench:
 
         from bids_regionmae.masking import build_masker
         from bids_regionmae.models import create_mae
+        from bids_regionmae.testing.store import synthetic_labels
         from bids_regionmae.train.engine import default_param_groups
         from bids_regionmae.train.pretrain import MaskingSetup, make_step_fn
-        from bids_regionmae.train.testing import synthetic_labels
 
         self.torch, self.device, self.setup, self.backend = torch, device, setup, backend
         torch.backends.cuda.matmul.allow_tf32 = setup.tf32  # = set_float32_matmul_precision("high"|"highest")

@@ -17,6 +17,16 @@ from typing import Any
 import click
 
 from bids_regionmae import __version__
+from bids_regionmae.choices import (
+    BACKENDS,
+    DEVICES,
+    FINETUNE_MODES,
+    MASK_LEVELS,
+    MASK_STRATEGIES,
+    OCCLUSION_MODES,
+    PATCH_RULES,
+    PRECISIONS,
+)
 from bids_regionmae.errors import (
     EXIT_ERROR,
     EXIT_INPUT_MISSING,
@@ -166,23 +176,23 @@ def _read_filter_file(path: str | None) -> dict[str, Any]:
 @click.option("--model", "model_dir", type=click.Path(), default=None,
               help="Trained model directory (participant level: predict with it; finetune: start from it).")
 @click.option("--seed", type=int, default=None, help="Random seed [default: 0].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Compute device.")
-@click.option("--backend", type=click.Choice(["auto", "mamba-ssm", "torch"]), default=None,
+@click.option("--device", type=click.Choice(DEVICES), default=None, help="Compute device.")
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
               help="Mamba kernels: mamba-ssm (CUDA) or pure PyTorch [default: auto].")
 @click.option("--variant", default=None, help="Model variant: neurostorm | tiny | ... [default: tiny].")
 @click.option("--atlas-file", type=click.Path(), default=None, help="AAL3-compatible atlas NIfTI.")
 @click.option("--atlas-labels", type=click.Path(), default=None, help="Label table for --atlas-file.")
-@click.option("--patch-rule", type=click.Choice(["any", "majority", "all"]), default=None,
+@click.option("--patch-rule", type=click.Choice(PATCH_RULES), default=None,
               help="When a 6^3 patch belongs to a region [default: majority].")
 @click.option("--target-tr", type=float, default=None, help="Resample runs in time to this TR (s).")
 @click.option("--clip-length", type=click.IntRange(min=1), default=None, help="Frames per clip [default: 20].")
-@click.option("--mask-strategy", type=click.Choice(["random", "region", "random-region"]), default=None,
+@click.option("--mask-strategy", type=click.Choice(MASK_STRATEGIES), default=None,
               help="Pretraining masking strategy [default: region].")
 @click.option("--regions", multiple=True,
               help="Regions to mask: lobe groups, AAL3 names or indices; '+' joins [default: cerebellum].")
 @click.option("--mask-ratio", type=float, default=None, help="Masked patch ratio for random strategies.")
 @click.option("--mask-fraction", type=float, default=None, help="Fraction of the region's patches masked.")
-@click.option("--mask-level", type=click.Choice(["token", "voxel"]), default=None, help="Where masking happens.")
+@click.option("--mask-level", type=click.Choice(MASK_LEVELS), default=None, help="Where masking happens.")
 @click.option("--include-background", is_flag=True, default=None, help="Loss also on background voxels.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps.")
@@ -195,11 +205,11 @@ def _read_filter_file(path: str | None) -> dict[str, Any]:
               help="Share of participants held out for validation during training [default: 0.2].")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, help="Checkpoint every N steps.")
 @click.option("--num-workers", type=click.IntRange(min=0), default=None, help="Data-loader worker processes.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="auto: bf16 autocast on CUDA, fp32 on CPU.")
 @click.option("--resume/--no-resume", default=None, help="Continue from the last checkpoint [default: yes].")
 @click.option("--target", default=None, help="Column of participants.tsv to predict (finetune).")
-@click.option("--finetune-mode", type=click.Choice(["linear-probe", "prompt", "full"]), default=None,
+@click.option("--finetune-mode", type=click.Choice(FINETUNE_MODES), default=None,
               help="Which weights fine-tuning trains [default: linear-probe].")
 @click.option("--group-column", default=None, help="Column for grouped splits, e.g. site (leave-one-site-out).")
 @click.option("--folds", type=click.IntRange(min=2), default=None, help="Cross-validation folds.")
@@ -208,7 +218,7 @@ def _read_filter_file(path: str | None) -> dict[str, Any]:
               help="predict: also write reconstruction/error maps on each run's source grid.")
 @click.option("--per-region-error", is_flag=True, default=None,
               help="predict: reconstruction error masking every AAL3 region on its own (slower).")
-@click.option("--occlusion", type=click.Choice(["zero", "mask-token"]), default=None,
+@click.option("--occlusion", type=click.Choice(OCCLUSION_MODES), default=None,
               help="predict: how a region is occluded for attribution [default: zero].")
 @click.option("--ig-steps", type=click.IntRange(min=1), default=None,
               help="predict: integrated-gradients steps [default: 16].")

@@ -19,7 +19,20 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from bids_regionmae.choices import (
+    BACKENDS,
+    DEVICES,
+    FINETUNE_MODES,
+    MASK_LEVELS,
+    MASK_STRATEGIES,
+    OCCLUSION_MODES,
+    PATCH_RULES,
+    PRECISIONS,
+)
 from bids_regionmae.errors import InputMissingError, UsageError
+
+#: File name of the resolved configuration written next to a stage's outputs (model directories, comparisons).
+CONFIG_FILE_NAME = "regionmae_config.toml"
 
 
 class _Section(BaseModel):
@@ -85,7 +98,7 @@ class AtlasConfig(_Section):
 
     atlas_file: str | None = None
     atlas_labels: str | None = None
-    patch_rule: Literal["any", "majority", "all"] = "majority"
+    patch_rule: Literal[PATCH_RULES] = "majority"
 
 
 class PreprocessConfig(_Section):
@@ -102,17 +115,17 @@ class ModelConfig(_Section):
     """Architecture variant and compute backend."""
 
     variant: str = "tiny"
-    backend: Literal["auto", "mamba-ssm", "torch"] = "auto"
+    backend: Literal[BACKENDS] = "auto"
 
 
 class MaskingConfig(_Section):
     """Masking strategy for pretraining."""
 
-    strategy: Literal["random", "region", "random-region"] = "region"
+    strategy: Literal[MASK_STRATEGIES] = "region"
     regions: tuple[str, ...] = ("cerebellum",)
     mask_ratio: float = Field(0.5, gt=0.0, lt=1.0)
     mask_fraction: float = Field(1.0, gt=0.0, le=1.0)
-    level: Literal["token", "voxel"] = "token"
+    level: Literal[MASK_LEVELS] = "token"
     include_background: bool = False
     norm_patch_loss: bool = False
 
@@ -138,7 +151,7 @@ class TrainConfig(_Section):
     val_fraction: float = Field(0.2, ge=0, lt=1)
     checkpoint_every: int = Field(100, ge=1)
     num_workers: int = Field(0, ge=0)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal[PRECISIONS] = "auto"
     resume: bool = True
 
 
@@ -151,7 +164,7 @@ class FinetuneConfig(_Section):
     """
 
     target: str | None = None
-    mode: Literal["linear-probe", "prompt", "full"] = "linear-probe"
+    mode: Literal[FINETUNE_MODES] = "linear-probe"
     group_column: str | None = None
     folds: int = Field(5, ge=2)
     lr: float | None = Field(None, gt=0)
@@ -179,7 +192,7 @@ class PredictConfig(_Section):
     region_error: bool = True
     region_masking: bool = False
     attribution: bool = True
-    occlusion_mode: Literal["zero", "mask-token"] = "zero"
+    occlusion_mode: Literal[OCCLUSION_MODES] = "zero"
     occlusion_regions: bool = False
     ig_steps: int = Field(16, ge=1)
     ig_max_clips: int | None = Field(4, ge=1)
@@ -198,7 +211,7 @@ class RunConfig(_Section):
     nprocs: int = Field(1, ge=1)
     omp_nthreads: int | None = Field(None, ge=1)
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal[DEVICES] = "auto"
     verbose: int = 0
     inputs: InputConfig = Field(default_factory=InputConfig)
     atlas: AtlasConfig = Field(default_factory=AtlasConfig)

@@ -111,3 +111,9 @@ class TrainingInterrupted(RegionMAEError):
         self.signum = int(signum)
         self.checkpoint = checkpoint
         self.exit_code = 128 + self.signum
+
+
+class DeviceUnavailableError(BackendError):
+    """``--device cuda`` where torch sees no CUDA device: a usage problem (exit 64)."""
+
+    exit_code = EXIT_USAGE

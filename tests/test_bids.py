@@ -13,7 +13,6 @@ import pytest
 from bids_regionmae.bids import DiscoveryResult, discover_runs, list_participants, locate_fmriprep
 from bids_regionmae.bids.entities import classify, parse_entities, run_key
 from bids_regionmae.bids.index import build_index, fingerprint
-from bids_regionmae.bids.testing import AFFINES, make_fmriprep_tree, make_raw_dataset, write_nifti
 from bids_regionmae.bids.validate import read_header, run_bids_validator
 from bids_regionmae.config import InputConfig
 from bids_regionmae.errors import (
@@ -27,6 +26,7 @@ from bids_regionmae.errors import (
     UsageError,
     ValidationError,
 )
+from bids_regionmae.testing.fmriprep import AFFINES, make_fmriprep_tree, make_raw_dataset, write_nifti
 
 MNI6 = "MNI152NLin6Asym"
 MNI09 = "MNI152NLin2009cAsym"

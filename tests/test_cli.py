@@ -165,7 +165,7 @@ def test_invalid_config_values_name_the_option(tmp_path, capsys):
 
 
 def test_filters_matching_nothing_exit_18(tmp_path, capsys):
-    from bids_regionmae.bids.testing import make_fmriprep_tree
+    from bids_regionmae.testing.fmriprep import make_fmriprep_tree
 
     bids = make_fmriprep_tree(tmp_path / "fmriprep", subjects=("01", "02"))
     assert main([str(bids), str(tmp_path / "out"), "participant", "--participant-label", "99"]) == 18
@@ -178,7 +178,7 @@ def test_filters_matching_nothing_exit_18(tmp_path, capsys):
 
 
 def test_invalid_dataset_description_exits_16(tmp_path, capsys):
-    from bids_regionmae.bids.testing import make_fmriprep_tree
+    from bids_regionmae.testing.fmriprep import make_fmriprep_tree
 
     bids = make_fmriprep_tree(tmp_path / "fmriprep", subjects=("01",))
     (bids / "dataset_description.json").write_text("{not json")
@@ -188,7 +188,7 @@ def test_invalid_dataset_description_exits_16(tmp_path, capsys):
 
 def test_failed_runs_exit_1_and_are_reported(tmp_path, capsys):
     """Runs that cannot be preprocessed (here a 4x5x6 field of view, not an MNI brain) fail alone: exit 1."""
-    from bids_regionmae.bids.testing import make_fmriprep_tree
+    from bids_regionmae.testing.fmriprep import make_fmriprep_tree
 
     bids = make_fmriprep_tree(tmp_path / "fmriprep", subjects=("01", "02"), spaces=("MNI152NLin6Asym:res-2",),
                               n_vols=24, clutter=False)
@@ -197,3 +197,23 @@ def test_failed_runs_exit_1_and_are_reported(tmp_path, capsys):
     assert (out / "dataset_description.json").is_file()
     assert sorted(p.name for p in (out / "logs").glob("regionmae_participant_*.toml"))
     assert not list(out.glob("sub-*/func/*_desc-modelready_bold.npy"))
+
+
+@pytest.mark.parametrize("level, stage, extra", [
+    ("participant", "preprocess", []),
+    ("participant", "predict", ["--model", "models/x"]),
+    ("group", "pretrain", []),
+    ("group", "finetune", ["--target", "diagnosis"]),
+    ("group", "compare", ["--target", "diagnosis"]),
+])
+def test_cuda_without_a_gpu_is_the_same_usage_error_in_every_stage(tmp_path, capsys, level, stage, extra):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    bids = _minimal_derivative(tmp_path / "in")
+    out = tmp_path / "out"
+    code = main([str(bids), str(out), level, "--stage", stage, "--device", "cuda", *extra])
+    err = capsys.readouterr().err
+    assert code == 64 and "--device cuda: torch sees no CUDA device" in err and "--device cpu" in err
+    assert not out.exists()  # refused before anything is written

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from bids_regionmae.config import RunConfig
-from bids_regionmae.finetune.testing import write_labelled_cohort
 from bids_regionmae.models.spec import ModelSpec
+from bids_regionmae.testing.cohort import write_labelled_cohort
 
 VARIANT = "ft-micro"
 MICRO = ModelSpec(name=VARIANT, img_size=(24, 24, 24, 4), embed_dim=8, depths=(1, 1), window_size=(2, 2, 2, 4),
@@ -105,18 +105,22 @@ def test_every_strategy_is_fine_tuned_on_the_same_splits(compared):
         folds = json.loads((model_dir / "finetune_metrics.json").read_text())["folds"]
         for fold, split in zip(folds, shared, strict=True):
             assert sorted(fold["subjects"]) == sorted(split["test"])
-    extras = {n: json.loads((output_dir / "models" / n / "model.json").read_text())["extra"] for n in names}
-    assert {e["seed"] for e in extras.values()} == {0}
-    for pretrained in PRETRAINED.values():
-        extra = extras[f"finetune_diagnosis_from-{pretrained}"]
-        assert extra["pretrained_dir"] == str((output_dir / "models" / pretrained).resolve())
-        assert extra["pretrained_name"] == pretrained and extra["pretrained_stage"] == "pretrain"
-    assert extras["finetune_diagnosis_from-scratch"]["pretrained_dir"] is None
-    # linear probe: the deliverable's encoder is the pretrained encoder, unchanged
-    from bids_regionmae.models.checkpoint import load_model
+    from bids_regionmae.models.model_dir import ModelDir
 
-    mae, _, _ = load_model(output_dir / "models" / PRETRAINED["cerebellum"])
-    tuned, _, _ = load_model(output_dir / "models" / f"finetune_diagnosis_from-{PRETRAINED['cerebellum']}")
+    opened = {n: ModelDir.open(output_dir / "models" / n) for n in names}
+    assert {m.meta.provenance.seed for m in opened.values()} == {0}
+    for strategy, pretrained in PRETRAINED.items():
+        tuned = opened[f"finetune_diagnosis_from-{pretrained}"]
+        parent = tuned.meta.provenance.parent
+        source = ModelDir.open(output_dir / "models" / pretrained)
+        assert parent.path == str(source.path.resolve()) and parent.name == pretrained
+        assert parent.stage == "pretrain" and parent.sha256 == source.weights_sha256
+        assert tuned.parent.path == source.path.resolve() and tuned.masking == source.masking
+        assert source.masking.strategy == ("random" if strategy == "random" else "region")
+    assert opened["finetune_diagnosis_from-scratch"].meta.provenance.parent is None
+    # linear probe: the deliverable's encoder is the pretrained encoder, unchanged
+    mae = ModelDir.open(output_dir / "models" / PRETRAINED["cerebellum"]).load_mae()
+    tuned = opened[f"finetune_diagnosis_from-{PRETRAINED['cerebellum']}"].load()
     for key, value in mae.encoder.state_dict().items():
         assert torch.equal(value, tuned.encoder.state_dict()[key]), key
 
@@ -147,3 +151,16 @@ def test_unknown_region_fails_before_any_training(compared, tmp_path):
     with pytest.raises(UsageError, match="cerebelum"):
         run(bad)
     assert sorted(p.name for p in (output_dir / "models").iterdir()) == before
+
+
+def test_strategies_are_entries_of_the_mask_strategy_vocabulary():
+    from bids_regionmae.config import MaskingConfig
+    from bids_regionmae.workflows.compare import entry_masking
+
+    masking = MaskingConfig(regions=("limbic",), mask_ratio=0.3)
+    assert entry_masking(masking, "random") == masking.model_copy(update={"strategy": "random"})
+    assert entry_masking(masking, "random-region").strategy == "random-region"
+    region = entry_masking(masking, "region")  # the name of a strategy keeps --regions
+    assert (region.strategy, region.regions) == ("region", ("limbic",))
+    selection = entry_masking(masking, "cerebellum+frontal")  # anything else is a region selection
+    assert (selection.strategy, selection.regions, selection.mask_ratio) == ("region", ("cerebellum+frontal",), 0.3)

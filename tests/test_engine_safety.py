@@ -248,7 +248,7 @@ def test_pretraining_through_the_cli_refuses_a_payload_last_pt(tmp_path, capsys)
     from test_pretrain import MODEL_NAME, make_config
 
     from bids_regionmae.config import config_to_toml
-    from bids_regionmae.train.testing import write_synthetic_store
+    from bids_regionmae.testing.store import write_synthetic_store
 
     bids_dir, out = tmp_path / "fmriprep", tmp_path / "out"
     bids_dir.mkdir()
@@ -270,8 +270,8 @@ def test_finetuning_through_the_cli_refuses_a_payload_last_pt(tmp_path, capsys):
     from test_finetune import make_config as finetune_config
 
     from bids_regionmae.config import config_to_toml
-    from bids_regionmae.finetune.testing import write_labelled_cohort
     from bids_regionmae.models.registry import register_variant
+    from bids_regionmae.testing.cohort import write_labelled_cohort
 
     register_variant(MICRO, overwrite=True)
     cohort = write_labelled_cohort(tmp_path / "cohort", n_subjects=6, n_frames=16, clip_length=4)

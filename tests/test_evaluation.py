@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from bids_regionmae.errors import InputDataError, UsageError
-from bids_regionmae.evaluation import baseline, metrics, report
+from bids_regionmae.evaluation import baseline, metrics
 from bids_regionmae.evaluation.splits import (
     Split,
     SplitError,
@@ -23,6 +23,8 @@ from bids_regionmae.evaluation.splits import (
     make_splits,
     save_splits,
 )
+from bids_regionmae.reports import evaluation as report
+from bids_regionmae.reports import html as html_report
 
 SITES = ["KKI", "NeuroIMAGE", "NYU", "OHSU", "Peking_1", "Peking_2", "Pittsburgh", "WashU"]
 
@@ -310,22 +312,22 @@ def _read_tsv(path):
 
 def test_write_evaluation_binary(cohort, tmp_path):
     results = _binary_results(cohort)
-    results[1]["metrics"]["auroc"] = float("nan")  # an undefined fold must survive the writers
+    results[1].metrics["auroc"] = float("nan")  # an undefined fold must survive the writers
     paths = report.write_evaluation(tmp_path, "desc-toy", results, "binary", ["Control", "ADHD"])
     assert [p.name for p in paths] == ["desc-toy_metrics.tsv", "desc-toy_metrics.json", "desc-toy_report.html"]
     assert all(p.is_file() for p in paths)
     rows = _read_tsv(paths[0])
     assert [r["fold"] for r in rows] == ["fold-0", "fold-1", "fold-2", "mean", "sd"]
-    accs = [r["metrics"]["acc"] for r in results]
+    accs = [r.metrics["acc"] for r in results]
     assert float(rows[0]["acc"]) == pytest.approx(accs[0], abs=1e-5)
     assert float(rows[3]["acc"]) == pytest.approx(np.mean(accs), abs=1e-5)
     assert float(rows[4]["acc"]) == pytest.approx(np.std(accs, ddof=1), abs=1e-5)
-    assert rows[1]["auroc"] == "n/a" and int(rows[0]["n_test"]) == len(results[0]["subjects"])
+    assert rows[1]["auroc"] == "n/a" and int(rows[0]["n_test"]) == len(results[0].subjects)
     data = json.loads(paths[1].read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert data["summary"]["acc"]["mean"] == pytest.approx(np.mean(accs))
     assert data["summary"]["auroc"]["n"] == 2
     assert len(data["splits"]) == 3 and data["pooled"]["n"] == 120
-    assert data["folds"][0]["subjects"] == results[0]["subjects"]
+    assert data["folds"][0]["subjects"] == results[0].subjects
     page = paths[2].read_text()
     assert page.count("<svg") == 2  # ROC + confusion matrices
     assert metrics.format_mean_sd(np.mean(accs), np.std(accs, ddof=1), 2, True) in page
@@ -345,7 +347,7 @@ def test_write_evaluation_regression_and_multiclass(tmp_path):
                                            class_names=["a", "b", "c"]))
     paths = report.write_evaluation(tmp_path, "age", reg, "regression")
     rows = _read_tsv(paths[0])
-    assert float(rows[2]["mae"]) == pytest.approx(np.mean([r["metrics"]["mae"] for r in reg]), abs=1e-5)
+    assert float(rows[2]["mae"]) == pytest.approx(np.mean([r.metrics["mae"] for r in reg]), abs=1e-5)
     page = paths[2].read_text()
     assert "Predicted vs true" in page and "<svg" in page
     paths = report.write_evaluation(tmp_path, "group3", mc, "multiclass")
@@ -358,8 +360,8 @@ def test_failed_figure_never_fails_writing(cohort, tmp_path, monkeypatch, caplog
     def boom(*_args, **_kwargs):
         raise RuntimeError("no fonts")
 
-    monkeypatch.setattr(report, "_svg", boom)
-    with caplog.at_level(logging.WARNING, logger="bids_regionmae.evaluation"):
+    monkeypatch.setattr(html_report, "svg_markup", boom)
+    with caplog.at_level(logging.WARNING, logger="bids_regionmae.reports"):
         paths = report.write_evaluation(tmp_path, "x", _binary_results(cohort, k=2), "binary")
         cpaths = report.write_comparison(tmp_path, [{"strategy": "random", "acc_mean": 0.6}])
     assert all(p.is_file() for p in paths + cpaths)
@@ -454,10 +456,10 @@ def test_baseline_above_chance_on_shared_splits():
     folds = kfold_splits(subjects, labels, k=4, val_fraction=0.15, seed=0)
     results = baseline.evaluate_baseline(subjects, series, labels, folds, grid=(0.01, 0.1, 1.0),
                                          class_names=[0, 1])
-    assert [r["name"] for r in results] == [f.name for f in folds]
+    assert [r.name for r in results] == [f.name for f in folds]
     for r, f in zip(results, folds, strict=True):
-        assert r["subjects"] == list(f.test) and r["split"]["val"] == list(f.val)
-        assert r["model"] == "connectivity-logreg" and r["extra"]["penalty"] in (0.01, 0.1, 1.0)
+        assert r.subjects == list(f.test) and r.split["val"] == list(f.val)
+        assert r.model == "connectivity-logreg" and r.extra["penalty"] in (0.01, 0.1, 1.0)
     _, summary = metrics.summarise_folds(results)
     assert summary["acc"]["mean"] > 0.8 and summary["auroc"]["mean"] > 0.85
 
@@ -467,7 +469,7 @@ def test_baseline_without_val_and_regression():
     split = holdout_split(subjects, labels, test_fraction=0.25, val_fraction=0.0, seed=0)
     assert split.val == ()
     (res,) = baseline.evaluate_baseline(subjects, series, labels, [split], grid=(0.1, 1.0))
-    assert res["metrics"]["acc"] > 0.7
+    assert res.metrics["acc"] > 0.7
 
     rng = np.random.default_rng(4)
     strength = rng.uniform(0, 1.2, 48)
@@ -478,6 +480,6 @@ def test_baseline_without_val_and_regression():
         series.append(x)
     split = holdout_split(subjects, strength, 0.25, 0.15, seed=0)
     (reg,) = baseline.evaluate_baseline(subjects, series, strength, [split], grid=(10.0, 1.0))
-    assert reg["model"] == "connectivity-ridge" and reg["metrics"]["pearson_r"] > 0.6
+    assert reg.model == "connectivity-ridge" and reg.metrics["pearson_r"] > 0.6
     with pytest.raises(UsageError, match="no features"):
         baseline.evaluate_features(subjects[:-1], np.zeros((47, 3)), strength[:-1], [split])

@@ -4,13 +4,14 @@ CPU only. A tiny test variant (24^3 x 4 frames, one block per stage) is
 registered here; the cohort is a synthetic model-ready store of 12
 participants (16 frames each: 4 clips of 4 frames) written directly in the
 store format, with a label-dependent signal planted in the synthetic
-cerebellum of the ``ADHD`` participants (:mod:`bids_regionmae.finetune.testing`).
+cerebellum of the ``ADHD`` participants (:mod:`bids_regionmae.testing.cohort`).
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -22,8 +23,8 @@ import torch
 from bids_regionmae.config import RunConfig
 from bids_regionmae.evaluation.splits import Split, SplitError
 from bids_regionmae.finetune.task import LossSpec, Task, class_balance
-from bids_regionmae.finetune.testing import write_labelled_cohort
 from bids_regionmae.models.spec import ModelSpec
+from bids_regionmae.testing.cohort import write_labelled_cohort
 from bids_regionmae.train.engine import TrainSettings
 
 VARIANT = "ft-micro"
@@ -96,15 +97,19 @@ def read_tsv(path: Path) -> list[dict[str, str]]:
 
 
 def test_cohort_labels_and_splits_are_leak_free(cohort, tmp_path):
-    from bids_regionmae.workflows.finetune import cv_splits, final_split, load_cohort
+    from bids_regionmae.finetune.cohort import final_split
+    from bids_regionmae.workflows.finetune import evaluation_splits, load_cohort
+    from bids_regionmae.workflows.session import open_session
 
     out = fresh_output(cohort, tmp_path / "out")
     config = make_config(cohort, out)
-    data = load_cohort(config, out)
+    with open_session(config) as session:
+        data = load_cohort(session)
+        splits = evaluation_splits(session, data)
+        assert evaluation_splits(session, data) == splits  # seeded
     assert data.subjects == sorted(cohort.labels) and data.task.kind == "binary"
     assert data.task.class_names == ("Control", "ADHD")  # the control group is the negative class
     assert all(data.targets[s] == (1.0 if cohort.labels[s] == "ADHD" else 0.0) for s in data.subjects)
-    splits = cv_splits(data, config)
     assert [s.name for s in splits] == ["fold-0", "fold-1", "fold-2"]
     tested = []
     for split in splits:
@@ -114,14 +119,14 @@ def test_cohort_labels_and_splits_are_leak_free(cohort, tmp_path):
         assert {data.targets[s] for s in split.test} == {0.0, 1.0}  # stratified
         tested += list(split.test)
     assert sorted(tested) == data.subjects  # every participant tested exactly once
-    assert cv_splits(data, config) == splits  # seeded
-    final = final_split(data, config)
+    final = final_split(data, val_fraction=config.train.val_fraction, seed=config.seed)
     assert not final.test and sorted(final.train + final.val) == data.subjects and final.val
     assert not set(final.train) & set(final.val)
 
     site_config = make_config(cohort, out, finetune={"group_column": "site"})
-    site_data = load_cohort(site_config, out)
-    site_splits = cv_splits(site_data, site_config)
+    with open_session(site_config) as session:
+        site_data = load_cohort(session)
+        site_splits = evaluation_splits(session, site_data)
     assert [s.name for s in site_splits] == ["site-A", "site-B"]
     for split in site_splits:
         split.assert_disjoint()
@@ -132,10 +137,12 @@ def test_cohort_labels_and_splits_are_leak_free(cohort, tmp_path):
 def test_missing_target_column_is_a_usage_error(cohort, tmp_path):
     from bids_regionmae.errors import UsageError
     from bids_regionmae.workflows.finetune import load_cohort
+    from bids_regionmae.workflows.session import open_session
 
     out = fresh_output(cohort, tmp_path / "out")
-    with pytest.raises(UsageError, match="not found"):
-        load_cohort(make_config(cohort, out, finetune={"target": "nope"}), out)
+    with open_session(make_config(cohort, out, finetune={"target": "nope"})) as session:
+        with pytest.raises(UsageError, match="not found"):
+            load_cohort(session)
 
 
 def test_class_weights_come_from_the_training_participants_only():
@@ -219,7 +226,7 @@ def test_scored_subjects_outside_the_test_set_are_refused():
     split = Split("fold-0", train=("01", "02", "03"), val=("04",), test=("05", "06"))
     good = make_fold_result("fold-0", ["05", "06"], [0, 1], [-1.0, 1.0], "binary", split=split)
     check_scored_subjects([good])
-    bad = dict(good, subjects=["04", "06"])
+    bad = dataclasses.replace(good, subjects=["04", "06"])
     with pytest.raises(SplitError):
         check_scored_subjects([bad])
     with pytest.raises(SplitError):
@@ -312,17 +319,21 @@ def test_finetune_workflow_writes_the_model_directory(finetuned):
     assert any(p.name.startswith("model.") for p in model_dir.iterdir())
     assert not (model_dir / "folds" / "fold-0" / "checkpoints").exists()  # removed once a fold is done
 
-    from bids_regionmae.models.checkpoint import load_model
+    from bids_regionmae.models.model_dir import ModelDir
 
-    model, spec, extra = load_model(model_dir)
-    assert spec.name == VARIANT and list(spec.img_size) == [24, 24, 24, 4]
-    assert extra["stage"] == "finetune" and extra["task_kind"] == "binary" and extra["target"] == "diagnosis"
-    assert extra["class_names"] == ["Control", "ADHD"] and extra["positive_class"] == "ADHD"
-    assert extra["output"] == "logit" and extra["decision_threshold"] == 0.0
-    assert extra["aggregation"] == "mean_clip_logits" and extra["mode"] == "linear-probe"
-    assert extra["pretrained_dir"] is None and extra["pretrained_name"] == "scratch"
-    assert extra["variant"] == VARIANT and extra["img_size"] == [24, 24, 24, 4] and extra["num_outputs"] == 1
-    assert sorted(extra["train_participants"] + extra["val_participants"]) == [f"{i:02d}" for i in range(1, 13)]
+    opened = ModelDir.open(model_dir)
+    meta, task = opened.meta, opened.task
+    model = opened.load()
+    assert meta.spec.name == VARIANT and list(meta.spec.img_size) == [24, 24, 24, 4]
+    assert meta.stage == "finetune" and meta.input_convention == "regionmae-global"
+    assert task.kind == "binary" and task.target == "diagnosis" and task.mode == "linear-probe"
+    assert task.class_names == ("Control", "ADHD") and task.positive_class == "ADHD" and task.num_outputs == 1
+    record = json.loads((model_dir / "model.json").read_text())["task"]  # how the outputs are read
+    assert record["output"] == "logit" and record["decision_threshold"] == 0.0
+    assert record["aggregation"] == "mean_clip_logits"
+    assert meta.provenance.source == "finetuned-here" and meta.provenance.parent is None and meta.masking is None
+    assert sorted(meta.data.train_participants + meta.data.val_participants) == [f"{i:02d}" for i in range(1, 13)]
+    assert meta.data.labels_source and meta.weights_sha256 and len(meta.weights_sha256) == 64
     with torch.no_grad():
         assert model.eval()(torch.zeros(2, 1, 24, 24, 24, 4)).shape == (2, 1)
     toml = (model_dir / "regionmae_config.toml").read_text(encoding="utf-8")

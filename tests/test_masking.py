@@ -494,3 +494,48 @@ def test_real_aal3_patch_level(caplog):
     rr = build_masker("random-region", vl, PS, ratio=0.5, T=20)
     counts = rr(4, gen())[..., 0].flatten(1).sum(1)
     assert (counts >= round(0.5 * rr.n_candidates)).all()
+
+
+# --------------------------------------------------------------------------- the masking plan
+
+
+def test_strategy_names_are_one_vocabulary():
+    from bids_regionmae.choices import MASK_STRATEGIES
+    from bids_regionmae.config import MaskingConfig
+    from bids_regionmae.masking import STRATEGIES, MaskStrategy, register_strategy, strategy_class
+
+    assert tuple(STRATEGIES) == MASK_STRATEGIES
+    assert {strategy_class(name).name for name in MASK_STRATEGIES} == set(MASK_STRATEGIES)
+    assert [s for s in MASK_STRATEGIES if strategy_class(s).uses_regions] == ["region"]
+    with pytest.raises(Exception, match="strategy"):
+        MaskingConfig(strategy="lobes")
+
+    class Lobes(MaskStrategy):
+        name = "lobes"
+
+    with pytest.raises(ValueError, match="MASK_STRATEGIES"):
+        register_strategy(Lobes)
+
+
+def test_masking_plan_is_checked_once_and_round_trips(labels):
+    from bids_regionmae.errors import UsageError
+    from bids_regionmae.masking import MaskingPlan
+
+    plan = MaskingPlan("region", "cerebellum+frontal", (6, 1, 1), rule="any", fraction=0.5, level="voxel")
+    assert plan.labels == (1, 6) and plan.uses_regions and plan.tag() == "region-cerebellum+frontal-frac50-voxel"
+    assert plan.text() == "region-aware masking of cerebellum+frontal (patch rule any)"
+    assert MaskingPlan.from_dict(plan.to_dict()) == plan
+    assert plan.main_group({"frontal": (1, 2), "cerebellum": (6, 7, 8)}) == "frontal"  # one label each: the first
+    assert MaskingPlan("region", "cerebellum", (95,)).main_group({"cerebellum": (95, 96), "x": (95,)}) == "cerebellum"
+    random = MaskingPlan("random", "ignored", (3,), ratio=0.25)
+    assert random.labels == () and random.region is None and random.tag() == "random-ratio25"
+    assert random.main_group({"a": (1,)}) is None
+    for bad, match in (({"strategy": "region"}, "--regions"), ({"strategy": "random", "ratio": 0.0}, "--mask-ratio"),
+                       ({"strategy": "random", "rule": "most"}, "--patch-rule"),
+                       ({"strategy": "lobes"}, "--mask-strategy"),
+                       ({"strategy": "random", "level": "patch"}, "--mask-level")):
+        with pytest.raises(UsageError, match=match):
+            MaskingPlan(**bad)
+    masker = plan.build_masker(labels, PS, T=T)
+    assert masker.strategy == "region" and masker.labels == [1, 6] and masker.rule == "any"
+    assert masker.fraction == 0.5 and masker(2, gen()).shape == (2, *masker.grid)

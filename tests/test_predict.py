@@ -64,7 +64,7 @@ def make_store(root: Path, n_subjects: int = 3) -> Path:
     from bids_regionmae.atlas.derivative import write_atlas_derivative
     from bids_regionmae.atlas.regions import aal3_label_names
     from bids_regionmae.outputs.derivatives import init_derivatives
-    from bids_regionmae.train.testing import synthetic_labels, write_synthetic_store
+    from bids_regionmae.testing.store import synthetic_labels, write_synthetic_store
 
     bids = root / "bids"
     bids.mkdir(parents=True, exist_ok=True)
@@ -87,44 +87,47 @@ def make_store(root: Path, n_subjects: int = 3) -> Path:
 
 
 def save_micro_models(out: Path, n_classes: int = 3, seed: int = 0) -> tuple[Path, Path]:
-    """A micro MAE (pretraining directory) and a fine-tuned classifier on its encoder, saved with the checkpoint API."""
+    """A micro MAE (pretraining directory) and a fine-tuned classifier on its encoder, saved as model directories."""
     import copy
 
     from bids_regionmae.atlas.regions import LOBE_GROUPS
-    from bids_regionmae.models.checkpoint import save_model
+    from bids_regionmae.masking import MaskingPlan
     from bids_regionmae.models.heads import FinetuneModel
+    from bids_regionmae.models.model_dir import ModelDir
+    from bids_regionmae.models.model_record import DataRecord, Provenance, TaskHead
     from bids_regionmae.models.registry import create_mae, get_spec
 
     spec = get_spec("tiny", **SPEC_OVERRIDES)
     torch.manual_seed(seed)
     mae = create_mae(spec, backend="torch")
-    pretrain_dir = out / "models" / "pretrain_region-cerebellum_tiny_seed-0"
-    save_model(pretrain_dir, mae, extra={"stage": "pretrain", "masking": {
-        "strategy": "region", "labels": list(LOBE_GROUPS["cerebellum"]), "rule": "majority"}})
+    plan = MaskingPlan("region", "cerebellum", LOBE_GROUPS["cerebellum"], rule="majority")
+    pretrain = ModelDir.save(out / "models" / "pretrain_region-cerebellum_tiny_seed-0", mae, stage="pretrain",
+                             masking=plan, provenance=Provenance("pretrained-here", seed=seed), data=DataRecord())
     classifier = FinetuneModel(copy.deepcopy(mae.encoder), "classification", n_classes, mode="linear-probe")
     with torch.no_grad():
         classifier.head.fc.weight.normal_(0.0, 2.0)  # outputs that differ between classes
-    finetune_dir = out / "models" / "finetune_test"
-    save_model(finetune_dir, classifier, extra={
-        "stage": "finetune", "task_kind": "multiclass", "target": "dx", "class_names": ["A", "B", "C"][:n_classes],
-        "output": "logits", "aggregation": "mean_clip_logits", "pretrained_dir": str(pretrain_dir.resolve())})
-    return pretrain_dir, finetune_dir
+    task = TaskHead("multiclass", "dx", ("A", "B", "C")[:n_classes])
+    finetune = ModelDir.save(out / "models" / "finetune_test", classifier, stage="finetune", task=task, masking=plan,
+                             provenance=Provenance("finetuned-here", parent=pretrain.parent_ref()), data=DataRecord())
+    return pretrain.path, finetune.path
 
 
 @pytest.fixture(scope="module")
 def predicted(tmp_path_factory):
     """Three participants predicted with the micro model; sub-03 has a broken brain mask."""
     from bids_regionmae.atlas import model_grid_atlas
+    from bids_regionmae.models.model_dir import ModelDir
     from bids_regionmae.predict.group import write_group_outputs
     from bids_regionmae.predict.models import load_prediction_model
     from bids_regionmae.predict.run import PredictSettings, predict_many
     from bids_regionmae.preprocess.store import find_model_ready_runs
+    from bids_regionmae.reports.group import write_group_report
 
     out = make_store(tmp_path_factory.mktemp("predict"))
     broken = next(out.glob("sub-03/func/*_desc-brain_mask.nii.gz"))
     nib.save(nib.Nifti1Image(np.ones((10, 10, 10), np.uint8), MODEL_AFFINE), str(broken))
     pretrain_dir, finetune_dir = save_micro_models(out)
-    model = load_prediction_model(finetune_dir, backend="torch")
+    model = load_prediction_model(ModelDir.open(finetune_dir), backend="torch")
     atlas = model_grid_atlas(out)
     runs: dict[str, list] = {}
     for run in find_model_ready_runs(out):
@@ -134,7 +137,8 @@ def predicted(tmp_path_factory):
     before = {p for p in out.rglob("*") if p.is_file()}
     results = predict_many(runs, model, atlas, out, settings=settings)
     created = {p for p in out.rglob("*") if p.is_file()} - before
-    write_group_outputs(out, LABEL, model=model.describe())
+    group = write_group_outputs(out, LABEL, model=model.describe())
+    write_group_report(out, LABEL, group.attribution, group.participants, group.predictions, model=model.describe())
     return {"out": out, "results": results, "created": created, "model": model, "atlas": atlas,
             "pretrain_dir": pretrain_dir, "finetune_dir": finetune_dir}
 
@@ -143,11 +147,10 @@ def predicted(tmp_path_factory):
 
 
 def test_model_label():
-    from bids_regionmae.predict.naming import join_label, model_label
+    from bids_regionmae.outputs.naming import join_label, model_label
 
     assert model_label("/x/models/pretrain_region-cerebellum_tiny_seed-0") == "pretrainRegionCerebellumTinySeed0"
     assert model_label("models/finetune_dx_linear-probe") == "finetuneDxLinearProbe"
-    assert model_label("anything", {"label": "my model!"}) == "myModel"
     long = model_label("a" * 30 + "_" + "b" * 30)
     assert len(long) <= 48 and long.isalnum()
     assert join_label("recon", "tiny", "Input") == "reconTinyInput"
@@ -274,10 +277,10 @@ class PlantedLinear(nn.Module):
 @pytest.mark.parametrize("mode", ["zero", "mask-token"])
 def test_occlusion_finds_the_planted_region(mode):
     from bids_regionmae.atlas.regions import LOBE_GROUPS
+    from bids_regionmae.grid import downsample_labels, downsample_mask
     from bids_regionmae.predict.attribution import occlusion
     from bids_regionmae.predict.regionerror import group_patch_maps
-    from bids_regionmae.train.data import downsample_labels, downsample_mask
-    from bids_regionmae.train.testing import synthetic_brain_mask, synthetic_labels
+    from bids_regionmae.testing.store import synthetic_brain_mask, synthetic_labels
 
     labels = downsample_labels(synthetic_labels(MODEL_SHAPE), (2, 2, 2))  # (48, 48, 48)
     brain = downsample_mask(synthetic_brain_mask(MODEL_SHAPE), (2, 2, 2))
@@ -331,7 +334,7 @@ def test_integrated_gradients_completeness():
 def test_integrated_gradients_on_the_finetuned_model(predicted):
     """IG of the (linear-probe) micro NeuroSTORM classifier: sum of attributions ~ f(x) - f(0)."""
     from bids_regionmae.predict.attribution import integrated_gradients
-    from bids_regionmae.train.testing import synthetic_brain_mask
+    from bids_regionmae.testing.store import synthetic_brain_mask
 
     model = predicted["model"]
     brain = torch.as_tensor(synthetic_brain_mask((48, 48, 48)))
@@ -343,6 +346,7 @@ def test_integrated_gradients_on_the_finetuned_model(predicted):
 
 
 def test_loaded_models(predicted):
+    from bids_regionmae.models.model_dir import ModelDir
     from bids_regionmae.predict.models import load_prediction_model
 
     model = predicted["model"]
@@ -350,7 +354,7 @@ def test_loaded_models(predicted):
         "finetuned", LABEL, "multiclass", ["A", "B", "C"])
     assert model.mae is not None and model.mae_dir == predicted["pretrain_dir"].resolve()
     assert model.token_masks and model.example_group == "cerebellum"
-    pretrained = load_prediction_model(predicted["pretrain_dir"], backend="torch")
+    pretrained = load_prediction_model(ModelDir.open(predicted["pretrain_dir"]), backend="torch")
     assert pretrained.kind == "pretrained" and pretrained.classify is None and pretrained.mae is not None
     assert pretrained.label == "pretrainRegionCerebellumTinySeed0" and pretrained.patch_rule == "majority"
     x = torch.zeros(1, 1, 48, 48, 48, 4)
@@ -363,13 +367,13 @@ def test_loaded_models(predicted):
 
 def test_missing_model_dir_is_a_clear_error(tmp_path):
     from bids_regionmae.errors import InputMissingError
-    from bids_regionmae.predict.models import load_prediction_model
+    from bids_regionmae.models.model_dir import ModelDir
 
     with pytest.raises(InputMissingError, match="no such directory"):
-        load_prediction_model(tmp_path / "nope")
+        ModelDir.open(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputMissingError, match="no saved model"):
-        load_prediction_model(tmp_path / "empty")
+        ModelDir.open(tmp_path / "empty")
 
 
 def test_project_onto_regions():
@@ -389,7 +393,7 @@ def test_project_onto_regions():
 
 
 def test_probabilities():
-    from bids_regionmae.predict.run import probabilities
+    from bids_regionmae.predict.writers import probabilities
 
     p = probabilities(np.array([[0.0], [2.0]]), "binary")
     np.testing.assert_allclose(p[:, 1], 1 / (1 + np.exp(-np.array([0.0, 2.0]))))
@@ -428,12 +432,13 @@ def test_workflow_predicts_and_reports_missing_participants(tmp_path):
 
 
 def test_pretrained_model_gives_embeddings_and_region_error(predicted):
+    from bids_regionmae.models.model_dir import ModelDir
     from bids_regionmae.predict.models import load_prediction_model
     from bids_regionmae.predict.run import PredictSettings, predict_participant
     from bids_regionmae.preprocess.store import find_model_ready_runs
 
     out = predicted["out"]
-    model = load_prediction_model(predicted["pretrain_dir"], backend="torch")
+    model = load_prediction_model(ModelDir.open(predicted["pretrain_dir"]), backend="torch")
     runs = find_model_ready_runs(out, ["01"])
     outcomes = predict_participant("01", runs, model, predicted["atlas"], out,
                                    settings=PredictSettings(progress=False, region_masking=True))

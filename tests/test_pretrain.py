@@ -17,14 +17,9 @@ import torch
 
 from bids_regionmae.config import RunConfig, build_config, config_to_toml, read_toml
 from bids_regionmae.errors import InputMissingError, UsageError
-from bids_regionmae.train.data import (
-    ClipDataset,
-    downsample_factors,
-    downsample_labels,
-    downsample_mask,
-    downsample_volume,
-    split_participants,
-)
+from bids_regionmae.grid import downsample_factors, downsample_labels, downsample_mask, downsample_volume
+from bids_regionmae.testing.store import synthetic_labels, write_synthetic_store
+from bids_regionmae.train.data import ClipDataset, split_participants
 from bids_regionmae.train.engine import (
     ResumableSampler,
     TrainSettings,
@@ -32,8 +27,6 @@ from bids_regionmae.train.engine import (
     make_generator,
     warmup_cosine,
 )
-from bids_regionmae.train.pretrain import model_dir_name
-from bids_regionmae.train.testing import synthetic_labels, write_synthetic_store
 
 MODEL_NAME = "pretrain_region-cerebellum_tiny_seed-0"
 
@@ -197,11 +190,14 @@ def test_seeds_and_schedule():
 
 
 def test_model_dir_names():
-    assert model_dir_name("region", ["cerebellum"], "tiny", 0) == MODEL_NAME
-    assert model_dir_name("region", ["Cerebellum+Frontal"], "neurostorm", 2, fraction=0.5) \
+    from bids_regionmae.masking import MaskingPlan
+    from bids_regionmae.outputs.naming import pretrain_dir_name
+
+    assert pretrain_dir_name(MaskingPlan("region", "cerebellum", (95,)), "tiny", 0) == MODEL_NAME
+    assert pretrain_dir_name(MaskingPlan("region", "Cerebellum+Frontal", (1, 95), fraction=0.5), "neurostorm", 2) \
         == "pretrain_region-cerebellum+frontal-frac50_neurostorm_seed-2"
-    assert model_dir_name("random", [], "tiny", 1, ratio=0.75) == "pretrain_random-ratio75_tiny_seed-1"
-    assert model_dir_name("random-region", [], "tiny", 0, level="voxel") \
+    assert pretrain_dir_name(MaskingPlan("random", ratio=0.75), "tiny", 1) == "pretrain_random-ratio75_tiny_seed-1"
+    assert pretrain_dir_name(MaskingPlan("random-region", level="voxel"), "tiny", 0) \
         == "pretrain_randomregion-ratio50-voxel_tiny_seed-0"
 
 

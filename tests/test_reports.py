@@ -28,7 +28,7 @@ def make_store(root: Path) -> Path:
     from bids_regionmae.atlas.regions import LOBE_GROUPS, aal3_label_names
     from bids_regionmae.outputs.derivatives import init_derivatives
     from bids_regionmae.preprocess.qc import region_coverage
-    from bids_regionmae.train.testing import synthetic_labels, write_synthetic_store
+    from bids_regionmae.testing.store import synthetic_labels, write_synthetic_store
 
     bids = root / "bids"
     bids.mkdir(parents=True, exist_ok=True)
@@ -97,7 +97,8 @@ def _preprocess_results():
 
 
 def test_participant_report_after_preprocessing(store):
-    from bids_regionmae.reports.participant import report_path, write_participant_reports
+    from bids_regionmae.outputs.naming import report_path
+    from bids_regionmae.reports.participant import write_participant_reports
 
     discovery = SimpleNamespace(skipped=[("sub-02/func/sub-02_task-nback_bold.nii.gz", "no brain mask")])
     written = write_participant_reports(store, ["01", "sub-02"], _preprocess_results(), discovery=discovery)
@@ -123,6 +124,7 @@ def test_report_includes_predictions_when_rerun(store):
     from bids_regionmae.predict.group import write_group_outputs
     from bids_regionmae.predict.run import PredictSettings, predict_many
     from bids_regionmae.preprocess.store import find_model_ready_runs
+    from bids_regionmae.reports.group import write_group_report
     from bids_regionmae.reports.participant import write_participant_reports
 
     write_participant_reports(store, ["01", "02"], _preprocess_results())
@@ -133,7 +135,8 @@ def test_report_includes_predictions_when_rerun(store):
     settings = PredictSettings(ig_steps=4, ig_max_clips=1, occlusion_mode="mask-token", progress=False)
     results = predict_many(runs, model, model_grid_atlas(store), store, settings=settings)
     assert all(o.status == "done" for outcomes in results.values() for o in outcomes)
-    write_group_outputs(store, LABEL, model=model.describe())
+    group = write_group_outputs(store, LABEL, model=model.describe())
+    write_group_report(store, LABEL, group.attribution, group.participants, group.predictions, model=model.describe())
     page_path = write_participant_reports(store, ["01"], stage=f"predict-{LABEL}")[0]
     page = page_path.read_text()
     for section in (f"Model {LABEL}", f"Predictions ({LABEL})", f"Reconstruction error per region group ({LABEL})",
@@ -155,7 +158,7 @@ def test_report_includes_predictions_when_rerun(store):
 
 
 def test_failing_figure_does_not_fail_the_report(tmp_path):
-    from bids_regionmae.reports.html import safe_figure
+    from bids_regionmae.outputs.figures import safe_figure
     from bids_regionmae.reports.participant import write_participant_report
 
     out = make_store(tmp_path)

@@ -22,8 +22,8 @@ from test_pretrain import MODEL_NAME, make_config, read_log
 
 from bids_regionmae.config import RunConfig, config_to_toml
 from bids_regionmae.errors import EXIT_SIGTERM
+from bids_regionmae.testing.store import write_synthetic_store
 from bids_regionmae.train.engine import load_checkpoint
-from bids_regionmae.train.testing import write_synthetic_store
 from bids_regionmae.workflows.pretrain import run
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from bids_regionmae.grid import MODEL_SHAPE
+from bids_regionmae.grid import MODEL_SHAPE, downsample_labels
 
 LOGGER = logging.getLogger(__name__)
 
@@ -58,8 +58,6 @@ class ModelGridAtlas:
         """Labels pooled onto a model's grid (most frequent label per block), LongTensor (X, Y, Z); cached."""
         key = tuple(int(f) for f in factors)
         if key not in self._pooled:
-            from bids_regionmae.train.data import downsample_labels
-
             self._pooled[key] = downsample_labels(self.voxel_labels, key)
         return self._pooled[key]
 

@@ -63,156 +63,37 @@ import json
 import os
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
-from bids_regionmae.bids.entities import (
-    EXTRA_ENTITIES,
-    KIND_BOLD,
-    KIND_BOLDREF,
-    KIND_CONFOUNDS,
-    KIND_MASK,
-    RUN_ENTITIES,
-    format_extra,
-    parse_entities,
-    run_key,
+from bids_regionmae.bids.assemble import (
+    SPACE_REASON,
+    AssemblyContext,
+    RunRow,
+    Skipped,
+    assemble,
+    group_runs,
+    sort_key,
 )
-from bids_regionmae.bids.index import (
-    DatasetIndex,
-    FileEntry,
-    build_index,
-    load_results,
-    save_results,
+from bids_regionmae.bids.entities import KIND_BOLD, RUN_ENTITIES
+from bids_regionmae.bids.filters import (
+    entities_match,
+    format_filters,
+    normalize_bold_filters,
+    parse_space_specs,
 )
-from bids_regionmae.bids.records import RunRecord
-from bids_regionmae.bids.validate import (
-    HeaderInfo,
-    check_bold_header,
-    check_dataset_description,
-    check_file,
-    check_mask_header,
-    is_derivative_description,
-    read_header,
-    read_sidecar_tr,
-)
+from bids_regionmae.bids.index import DatasetIndex, FileEntry, build_index, load_results, save_results
+from bids_regionmae.bids.records import DiscoveryReport, DiscoveryResult, RunRecord
+from bids_regionmae.bids.validate import check_dataset_description, is_derivative_description
 from bids_regionmae.errors import (
-    InputDataError,
     InputMissingError,
     NoMatchError,
     UsageError,
     ValidationError,
 )
 
-#: Volumetric template spaces the model can use (resampled by their affines).
-SUPPORTED_SPACES: tuple[str, ...] = (
-    "MNI152NLin6Asym", "MNI152NLin2009cAsym", "MNI152NLin2009cSym", "MNI152NLin2009aAsym",
-    "MNI152NLin6Sym", "MNI152Lin",
-)
-#: bids_filters entities that discovery ignores (it always picks desc-preproc_bold).
-IGNORED_FILTER_ENTITIES = frozenset({"datatype", "suffix", "extension", "desc"})
-_SHORT_TO_LONG = {
-    "sub": "subject", "ses": "session", "acq": "acquisition", "ce": "ceagent",
-    "rec": "reconstruction", "dir": "direction", "den": "den", "res": "res",
-}
-_FILTERABLE = set(RUN_ENTITIES) | {"space", "res", "den"}
-_SPACE_REASON = "space"  # reason class: runs skipped only because of their space
-
-
-class Skipped(NamedTuple):
-    """A run (or file) discovery did not use, and why.
-
-    Attributes
-    ----------
-    path : str
-        The file the problem is about (usually the BOLD series).
-    reason : str
-        What is wrong and how to fix it.
-    """
-
-    path: str
-    reason: str
-
-
-@dataclass
-class DiscoveryReport:
-    """What discovery found, skipped and warned about.
-
-    Attributes
-    ----------
-    skipped : list of Skipped
-        Runs that matched the filters but cannot be used, with the reason.
-    warnings : list of str
-        Non-fatal findings (TR mismatches, missing confounds, mixed spaces ...).
-    available : dict
-        Labels present in the dataset: ``participants``, ``sessions``,
-        ``tasks``, ``runs``, ``spaces``.
-    cache : str
-        ``"off"``, ``"miss"``, ``"hit"`` or ``"rebuilt"``.
-    backend : str
-        Indexer used (``"fast"`` or ``"pybids"``).
-    seconds : float
-        Wall time of the discovery.
-    n_runs : int
-        Number of usable runs.
-    """
-
-    skipped: list[Skipped] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    available: dict[str, list[str]] = field(default_factory=dict)
-    cache: str = "off"
-    backend: str = "fast"
-    seconds: float = 0.0
-    n_runs: int = 0
-
-    def summary(self, max_items: int = 20) -> str:
-        """Human-readable multi-line summary (long lists are truncated)."""
-        lines = [f"{self.n_runs} run(s) found, {len(self.skipped)} skipped "
-                 f"(index: {self.backend}, cache {self.cache}, {self.seconds:.2f} s)."]
-        for item in self.skipped[:max_items]:
-            lines.append(f"  skipped {item.path}: {item.reason}")
-        if len(self.skipped) > max_items:
-            lines.append(f"  ... and {len(self.skipped) - max_items} more skipped")
-        for text in self.warnings[:max_items]:
-            lines.append(f"  warning: {text}")
-        if len(self.warnings) > max_items:
-            lines.append(f"  ... and {len(self.warnings) - max_items} more warnings")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form (for reports and logs)."""
-        return {"n_runs": self.n_runs, "skipped": [list(s) for s in self.skipped],
-                "warnings": list(self.warnings), "available": self.available, "cache": self.cache,
-                "backend": self.backend, "seconds": round(self.seconds, 4)}
-
-
-@dataclass
-class DiscoveryResult:
-    """Output of :func:`discover_runs`.
-
-    Attributes
-    ----------
-    runs : list of RunRecord
-        Usable runs, sorted by participant, session, task, other entities, run.
-    skipped : list of Skipped
-        ``(path, reason)`` for runs that matched but cannot be used.
-    fmriprep_dir : Path
-        The fMRIPrep dataset that was read.
-    raw_dir : Path or None
-        The raw BIDS dataset, when known.
-    participants : list of str
-        Labels (no ``sub-``) of participants with at least one usable run.
-    report : DiscoveryReport
-        Full report (includes ``skipped``).
-    """
-
-    runs: list[RunRecord]
-    skipped: list[Skipped]
-    fmriprep_dir: Path
-    raw_dir: Path | None
-    participants: list[str]
-    report: DiscoveryReport = field(default_factory=DiscoveryReport)
-
+if TYPE_CHECKING:
+    from bids_regionmae.config import InputConfig
 
 # --------------------------------------------------------------------------- locate
 
@@ -346,119 +227,7 @@ def list_participants(root: str | Path) -> list[str]:
         return sorted(e.name[4:] for e in it if e.name.startswith("sub-") and e.is_dir())
 
 
-# --------------------------------------------------------------------------- filters
-
-
-def parse_space_specs(spaces: Iterable[str]) -> list[tuple[str, str | None]]:
-    """Parse ``("MNI152NLin6Asym:res-2", "MNI152NLin2009cAsym")`` into ``[(space, res), ...]``.
-
-    Raises
-    ------
-    UsageError
-        A space is not a supported volumetric MNI152 template, or the
-        modifier is not ``res-<label>``.
-    """
-    out: list[tuple[str, str | None]] = []
-    for spec in spaces:
-        name, _, modifier = str(spec).partition(":")
-        name = name.strip()
-        if name not in SUPPORTED_SPACES:
-            raise UsageError(f"--space {spec!r}: not supported. The model reads volumetric MNI152 "
-                             f"outputs; choose among {', '.join(SUPPORTED_SPACES)} (optionally "
-                             "with :res-<label>, e.g. MNI152NLin6Asym:res-2).")
-        res = None
-        if modifier:
-            if not modifier.startswith("res-") or len(modifier) <= 4:
-                raise UsageError(f"--space {spec!r}: the modifier must be res-<label> "
-                                 "(e.g. MNI152NLin6Asym:res-2).")
-            res = modifier[4:]
-        if (name, res) not in out:
-            out.append((name, res))
-    if not out:
-        raise UsageError("--space: at least one space is needed, e.g. MNI152NLin6Asym.")
-    return out
-
-
-def normalize_bold_filters(bids_filters: Mapping[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
-    """Return the ``bold`` query of ``bids_filters`` with long entity names.
-
-    Returns
-    -------
-    filters : dict
-        Entity -> value spec (value, list, None or ``"*"``).
-    notes : list of str
-        Entities that were ignored.
-
-    Raises
-    ------
-    UsageError
-        ``bids_filters`` or its ``bold`` entry is not a mapping, or an entity
-        is unknown.
-    """
-    if not bids_filters:
-        return {}, []
-    if not isinstance(bids_filters, Mapping):
-        raise UsageError("--bids-filter-file: must hold a JSON object such as "
-                         '{"bold": {"session": "1"}}.')
-    query = bids_filters.get("bold") or {}
-    if not isinstance(query, Mapping):
-        raise UsageError(f"--bids-filter-file: 'bold' must map entities to values, got {query!r}.")
-    out: dict[str, Any] = {}
-    notes: list[str] = []
-    for key, value in query.items():
-        name = _SHORT_TO_LONG.get(key, key)
-        if name in IGNORED_FILTER_ENTITIES:
-            notes.append(f"bids_filters bold.{key} is ignored: discovery always selects "
-                         "desc-preproc_bold files.")
-            continue
-        if name not in _FILTERABLE:
-            raise UsageError(f"--bids-filter-file: unknown or unsupported entity {key!r} in the "
-                             f"'bold' query; use one of {', '.join(sorted(_FILTERABLE))}.")
-        out[name] = value
-    return out, notes
-
-
-def _is_query(spec: Any, which: str) -> bool:
-    return getattr(spec, "name", None) == which and not isinstance(spec, str)
-
-
-def _value_matches(value: str | None, spec: Any, numeric: bool) -> bool:
-    specs = spec if isinstance(spec, (list, tuple, set, frozenset)) else [spec]
-    for item in specs:
-        if item is None or _is_query(item, "NONE"):
-            if value is None:
-                return True
-        elif item == "*" or _is_query(item, "ANY"):
-            if value is not None:
-                return True
-        elif value is not None:
-            if numeric and str(item).isdigit() and value.isdigit():
-                if int(item) == int(value):
-                    return True
-            elif str(item) == value:
-                return True
-    return False
-
-
-def _entities_match(ents: Mapping[str, str], filters: Mapping[str, Any]) -> bool:
-    for name, spec in filters.items():
-        if not _value_matches(ents.get(name), spec, name in ("run", "echo", "chunk")):
-            return False
-    return True
-
-
-# --------------------------------------------------------------------------- assembly
-
-
-def _res_order(res: str | None) -> tuple[int, float, str]:
-    if res == "2":
-        return (0, 0.0, "")
-    if res is None:
-        return (1, 0.0, "")
-    try:
-        return (2, float(res), res)
-    except ValueError:
-        return (3, 0.0, res)
+# --------------------------------------------------------------------------- discovery
 
 
 def _format_labels(values: Iterable[str], limit: int = 12) -> str:
@@ -496,210 +265,7 @@ def _describe_available(root: Path, available: dict[str, list[str]]) -> str:
             f"  spaces: {_format_labels(available['spaces'])}")
 
 
-class _Context:
-    """Per-call state shared by the run assembly helpers (stat results, raw sidecars)."""
-
-    def __init__(self, index: DatasetIndex, raw_dir: Path | None, validate: bool):
-        self.index = index
-        self.root = str(index.root)
-        self.raw_dir = raw_dir
-        self.validate = validate
-        self.warnings: list[str] = []
-        self._raw_json: dict[Path, list[str]] = {}
-        self._stats: dict[str, os.stat_result | None] = {}
-
-    def path(self, entry: FileEntry) -> str:
-        return os.path.join(self.root, entry.relpath)
-
-    def stat(self, path: str) -> os.stat_result | None:
-        if path not in self._stats:
-            try:
-                self._stats[path] = os.stat(path)
-            except OSError:
-                self._stats[path] = None
-        return self._stats[path]
-
-    def header(self, path: str) -> HeaderInfo:
-        st = self.stat(path)
-        cached = self.index.memo_get(path, "hdr", st)
-        if cached is not None:
-            if "error" in cached:
-                raise InputDataError(cached["error"])
-            return HeaderInfo.from_dict(cached)
-        try:
-            info = read_header(path, st)
-        except InputDataError as exc:
-            self.index.memo_put(path, "hdr", {"error": str(exc)}, st)
-            raise
-        self.index.memo_put(path, "hdr", info.to_dict(), st)
-        return info
-
-    def sidecar_tr(self, path: str) -> tuple[float | None, str | None]:
-        st = self.stat(path)
-        cached = self.index.memo_get(path, "tr", st)
-        if cached is not None:
-            return cached[0], cached[1]
-        tr, problem = read_sidecar_tr(path)
-        self.index.memo_put(path, "tr", [tr, problem], st)
-        return tr, problem
-
-    def raw_tr(self, ents: Mapping[str, str]) -> tuple[float | None, Path | None]:
-        """RepetitionTime from the raw dataset's sidecars (BIDS inheritance, closest first)."""
-        if self.raw_dir is None:
-            return None, None
-        sub = self.raw_dir / f"sub-{ents['subject']}"
-        ses = sub / f"ses-{ents['session']}" if ents.get("session") else None
-        dirs = [d for d in ((ses or sub) / "func", ses, sub, self.raw_dir) if d is not None]
-        for directory in dirs:
-            names = self._raw_json.get(directory)
-            if names is None:
-                try:
-                    names = sorted(n for n in os.listdir(directory) if n.endswith("_bold.json"))
-                except OSError:
-                    names = []
-                self._raw_json[directory] = names
-            best: tuple[int, Path] | None = None
-            for name in names:
-                parsed = parse_entities(name)
-                if not parsed or "__unknown__" in parsed or "space" in parsed or "desc" in parsed:
-                    continue
-                keys = [k for k in parsed if k in RUN_ENTITIES]
-                if all(_value_matches(ents.get(k), parsed[k], k in ("run", "echo")) for k in keys):
-                    if best is None or len(keys) > best[0]:
-                        best = (len(keys), directory / name)
-            if best is not None:
-                tr, _ = self.sidecar_tr(str(best[1]))
-                if tr is not None:
-                    return tr, best[1]
-        return None, None
-
-
-def _group_runs(files: list[FileEntry]) -> dict[tuple, list[FileEntry]]:
-    groups: dict[tuple, list[FileEntry]] = {}
-    for f in files:
-        groups.setdefault(run_key(f.entities), []).append(f)
-    return groups
-
-
-def _space_key(f: FileEntry) -> tuple[str | None, str | None, str | None]:
-    e = f.entities
-    return e.get("space"), e.get("res"), e.get("den")
-
-
-def _choose_bold(bolds: list[FileEntry], prefs: list[tuple[str, str | None]]) -> list[FileEntry]:
-    """All BOLD files at the preferred (space, res); more than one means duplicates."""
-    for space, res in prefs:
-        cands = [b for b in bolds if b.entities.get("space") == space
-                 and (res is None or b.entities.get("res") == res)]
-        if cands:
-            best = min(_res_order(c.entities.get("res")) for c in cands)
-            chosen = [c for c in cands if _res_order(c.entities.get("res")) == best]
-            dens = sorted({c.entities.get("den") or "" for c in chosen})
-            return [c for c in chosen if (c.entities.get("den") or "") == dens[0]]
-    return []
-
-
-def _assemble(ctx: _Context, group: list[FileEntry], prefs: list[tuple[str, str | None]],
-              space_filters: Mapping[str, Any]) -> list[Any] | tuple[Skipped, str]:
-    """Pick and check the files of one run: a record row, or (Skipped, reason class)."""
-    bolds = [f for f in group if f.kind == KIND_BOLD]
-    if not bolds:
-        others = ", ".join(sorted({f.kind for f in group}))
-        first = min(group, key=lambda f: f.relpath)
-        return Skipped(ctx.path(first),
-                       f"no desc-preproc_bold series for this run (found only: {others}). fMRIPrep "
-                       "may have failed for it, or ran with --level minimal; re-run fMRIPrep."), "missing"
-    allowed = [b for b in bolds if _entities_match(b.entities, space_filters)]
-    chosen = _choose_bold(allowed, prefs)
-    first_bold = ctx.path(min(bolds, key=lambda f: f.relpath))
-    if not chosen:
-        found = sorted({b.entities.get("space") or "(native)" for b in bolds})
-        wanted = ", ".join(s + (f":res-{r}" if r else "") for s, r in prefs)
-        return Skipped(first_bold, f"no preprocessed BOLD in a requested space: found {', '.join(found)}; "
-                       f"requested {wanted}" + (" with the bids_filters space/res" if space_filters else "")
-                       + ". Re-run fMRIPrep with --output-spaces MNI152NLin6Asym:res-2, or choose "
-                       "--space among the MNI152 spaces found."), _SPACE_REASON
-    if len(chosen) > 1:
-        names = ", ".join(c.relpath for c in chosen)
-        return Skipped(ctx.path(chosen[0]),
-                       f"duplicated run: {names} map to the same entities. Remove or rename one "
-                       "(e.g. run-1 vs run-01, or .nii next to .nii.gz)."), "duplicate"
-    bold = chosen[0]
-    skey = _space_key(bold)
-    masks = [f for f in group if f.kind == KIND_MASK and _space_key(f) == skey]
-    bold_path = ctx.path(bold)
-    if not masks:
-        return Skipped(bold_path, "no desc-brain_mask with the same space/res entities next to it. "
-                       "fMRIPrep writes one per output space; restore it or re-run fMRIPrep."), "mask"
-    if len(masks) > 1:
-        return Skipped(bold_path, "duplicated brain masks: "
-                       f"{', '.join(m.relpath for m in masks)}. Remove one."), "duplicate"
-    mask_path = ctx.path(masks[0])
-    boldrefs = sorted((f for f in group if f.kind == KIND_BOLDREF and _space_key(f) == skey),
-                      key=lambda f: (f.legacy != bold.legacy, f.relpath))
-    confounds = sorted((f for f in group if f.kind == KIND_CONFOUNDS), key=lambda f: (f.rank, f.relpath))
-
-    for entry, path in ((bold, bold_path), (masks[0], mask_path)):
-        if entry.symlink or ctx.validate:
-            problem = check_file(path, ctx.stat(path))
-            if problem:
-                return Skipped(bold_path, problem), "file"
-
-    bold_info: HeaderInfo | None = None
-    if ctx.validate:
-        try:
-            bold_info = ctx.header(bold_path)
-            mask_info = ctx.header(mask_path)
-        except InputDataError as exc:
-            return Skipped(bold_path, str(exc)), "header"
-        problem = check_bold_header(bold_path, bold_info) or \
-            check_mask_header(mask_path, mask_info, bold_path, bold_info)
-        if problem:
-            return Skipped(bold_path, problem), "header"
-
-    tr: float | None = None
-    tr_source = ""
-    if bold.sidecar:
-        tr, problem = ctx.sidecar_tr(os.path.join(ctx.root, bold.sidecar))
-        tr_source = bold.sidecar
-        if problem:
-            ctx.warnings.append(problem)
-    if tr is None:
-        tr, raw_path = ctx.raw_tr(bold.entities)
-        tr_source = str(raw_path) if raw_path else ""
-    if tr is None or ctx.validate:
-        try:
-            bold_info = bold_info or ctx.header(bold_path)
-        except InputDataError as exc:
-            return Skipped(bold_path, str(exc)), "header"
-        header_tr = bold_info.repetition_time
-        if tr is None:
-            tr = header_tr
-            if tr is not None and bold_info.time_unit_s is None:
-                ctx.warnings.append(f"{bold_path}: no RepetitionTime in a sidecar and the header's time "
-                                    f"unit is unknown; assuming TR = {tr:g} s.")
-        elif header_tr is not None and abs(header_tr - tr) > 0.01 * tr:
-            ctx.warnings.append(f"{bold_path}: RepetitionTime {tr:g} s in {tr_source} differs from the "
-                                f"header's {header_tr:g} s; using {tr:g} s from the sidecar.")
-    if tr is None:
-        return Skipped(bold_path, "no RepetitionTime: none in the JSON sidecars and pixdim[4] is 0. "
-                       "Add RepetitionTime (seconds) to the sidecar next to the file."), "tr"
-
-    ents = bold.entities
-    extra = {name: ents[name] for name in EXTRA_ENTITIES if ents.get(name)}
-    # Same order as _RECORD_FIELDS; turned into a RunRecord by _record_from_list.
-    return [ents["subject"], ents["task"], ents["space"], bold_path, mask_path, float(tr),
-            ents.get("session"), ents.get("run"), ents.get("res"),
-            ctx.path(boldrefs[0]) if boldrefs else None,
-            ctx.path(confounds[0]) if confounds else None, format_extra(ents), extra]
-
-
-def _sort_key(row: list[Any]) -> tuple:
-    subject, task, run, session, acq = row[0], row[1], row[7], row[6], row[11]
-    return (subject, session or "", task, acq or "", int(run) if run and run.isdigit() else 0, run or "")
-
-
-def discover_runs(bids_dir: str | Path, config: Any, work_dir: str | Path | None = None, *,
+def discover_runs(bids_dir: str | Path, config: InputConfig, work_dir: str | Path | None = None, *,
                   backend: str = "fast") -> DiscoveryResult:
     """Find the usable fMRIPrep BOLD runs selected by ``config``.
 
@@ -768,7 +334,7 @@ def discover_runs(bids_dir: str | Path, config: Any, work_dir: str | Path | None
         save_results(work_dir, index, results)
 
     dirs: dict[str, Path] = {}
-    runs = [_record_from_list(row, dirs) for row in payload["runs"]]
+    runs = [_record_from_row(RunRow(*row), dirs) for row in payload["runs"]]
     report = DiscoveryReport(skipped=[Skipped(p, r) for p, r in payload["skipped"]],
                              warnings=warnings + payload["warnings"], available=payload["available"],
                              cache=cache_status, backend=backend, n_runs=len(runs))
@@ -797,15 +363,13 @@ def _deps_unchanged(deps: Mapping[str, Any]) -> bool:
     return True
 
 
-_RECORD_FIELDS = ("subject", "task", "space", "bold", "mask", "repetition_time", "session", "run", "res",
-                  "boldref", "confounds", "acquisition", "extra")
 _PATH_FIELDS = frozenset({"bold", "mask", "boldref", "confounds"})
 
 
-def _record_from_list(row: list[Any], dirs: dict[str, Path]) -> RunRecord:
+def _record_from_row(row: RunRow, dirs: dict[str, Path]) -> RunRecord:
     """Rebuild a cached record; ``dirs`` caches directory Paths (joining a name is
     much cheaper than parsing a whole absolute path, which matters for thousands of runs)."""
-    values = dict(zip(_RECORD_FIELDS, row, strict=True))
+    values: dict[str, Any] = row._asdict()
     for name in _PATH_FIELDS:
         value = values[name]
         if value is not None:
@@ -842,21 +406,21 @@ def _discover(index: DatasetIndex, fmriprep_dir: Path, raw_dir: Path | None,
     space_filters = {k: v for k, v in bold_filters.items() if k not in RUN_ENTITIES}
 
     selected: list[tuple[tuple, list[FileEntry]]] = []
-    for key, group in _group_runs(index.files).items():
+    for key, group in group_runs(index.files).items():
         ents = dict(zip(RUN_ENTITIES, (group[0].entities.get(n) for n in RUN_ENTITIES), strict=True))
-        if _entities_match(ents, label_filters) and _entities_match(ents, run_filters):
+        if entities_match(ents, label_filters) and entities_match(ents, run_filters):
             selected.append((key, group))
     if not selected:
         given = {**label_filters, **bold_filters}
-        raise NoMatchError(f"no BOLD run matches the filters ({_format_filters(given)}).\n"
+        raise NoMatchError(f"no BOLD run matches the filters ({format_filters(given)}).\n"
                            + _describe_available(fmriprep_dir, available)
                            + "\nLabels are accepted with or without their sub-/ses-/task-/run- prefix.")
 
     echo = RUN_ENTITIES.index("echo")
     combined = {key for key, group in selected
                 if key[echo] is None and any(f.kind == KIND_BOLD for f in group)}
-    ctx = _Context(index, raw_dir, validate)
-    runs: list[list[Any]] = []
+    ctx = AssemblyContext(index, raw_dir, validate)
+    runs: list[RunRow] = []
     skipped: list[Skipped] = []
     reasons: dict[str, int] = {}
     echo_skipped = 0
@@ -864,8 +428,8 @@ def _discover(index: DatasetIndex, fmriprep_dir: Path, raw_dir: Path | None,
         if key[echo] is not None and key[:echo] + (None,) + key[echo + 1:] in combined:
             echo_skipped += 1
             continue
-        result = _assemble(ctx, group, prefs, space_filters)
-        if isinstance(result, list):
+        result = assemble(ctx, group, prefs, space_filters)
+        if isinstance(result, RunRow):
             runs.append(result)
         else:
             skipped.append(result[0])
@@ -874,19 +438,19 @@ def _discover(index: DatasetIndex, fmriprep_dir: Path, raw_dir: Path | None,
     if echo_skipped:
         warnings.append(f"{echo_skipped} per-echo series ignored: the optimally combined "
                         "series of the same run is used.")
-    runs.sort(key=_sort_key)
+    runs.sort(key=sort_key)
     if not runs:
         details = "\n".join(f"  {s.path}: {s.reason}" for s in skipped[:10])
         more = f"\n  ... and {len(skipped) - 10} more" if len(skipped) > 10 else ""
-        if set(reasons) == {_SPACE_REASON}:
+        if set(reasons) == {SPACE_REASON}:
             raise NoMatchError("no selected run has a preprocessed BOLD series in the requested "
                                f"space(s).\n{details}{more}\n" + _describe_available(fmriprep_dir, available))
         raise ValidationError(f"none of the {len(selected)} selected run(s) is usable:\n{details}{more}")
-    spaces_used = sorted({r[2] for r in runs})
+    spaces_used = sorted({r.space for r in runs})
     if len(spaces_used) > 1:
         warnings.append(f"runs come from several spaces ({', '.join(spaces_used)}); each is "
                         "resampled to the model grid by its affine.")
-    n_noconf = sum(r[10] is None for r in runs)
+    n_noconf = sum(r.confounds is None for r in runs)
     if n_noconf:
         warnings.append(f"{n_noconf} run(s) have no confounds table.")
     deps = {path: (None if st is None else [st.st_size, st.st_mtime_ns])
@@ -895,7 +459,3 @@ def _discover(index: DatasetIndex, fmriprep_dir: Path, raw_dir: Path | None,
             "warnings": warnings, "available": available, "deps": deps}
 
 
-def _format_filters(filters: Mapping[str, Any]) -> str:
-    if not filters:
-        return "none"
-    return ", ".join(f"{k}={v!r}" for k, v in filters.items())

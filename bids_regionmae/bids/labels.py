@@ -23,14 +23,17 @@ conflicting duplicate rows, or no row at all are excluded with the reason.
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bids_regionmae.errors import InputDataError, InputMissingError, UsageError
+
+LOGGER = logging.getLogger(__name__)
 
 MISSING_VALUES = frozenset({"", "n/a", "na", "nan", "null", "none"})
 ID_COLUMNS = ("participant_id", "participant", "subject_id", "subject", "sub", "scandir id", "id")
@@ -276,21 +279,7 @@ def load_labels(*candidates: str | Path, target: str, group_column: str | None =
     """
     if kind is not None and kind not in KINDS:
         raise UsageError(f"kind {kind!r}: choose among {', '.join(KINDS)}.")
-    existing = [Path(c) for c in candidates if c is not None and Path(c).is_file()]
-    if not existing:
-        tried = ", ".join(str(c) for c in candidates) or "(no candidate given)"
-        raise InputMissingError(f"no participants table found (looked for {tried}). Add a "
-                                "participants.tsv to the dataset or pass --phenotype FILE.")
-    seen_columns: dict[Path, list[str]] = {}
-    for path in existing:
-        header, rows = read_table(path)
-        seen_columns[path] = header
-        if target in header:
-            break
-    else:
-        listing = "; ".join(f"{p}: {', '.join(h)}" for p, h in seen_columns.items())
-        raise UsageError(f"target column {target!r} not found. Available columns: {listing}. "
-                         "Choose one of them with --target, or pass a --phenotype file.")
+    path, header, rows = _target_table(candidates, target)
     if group_column is not None and group_column not in header:
         raise UsageError(f"group column {group_column!r} not found in {path}. Available columns: "
                          f"{', '.join(header)}.")
@@ -298,71 +287,14 @@ def load_labels(*candidates: str | Path, target: str, group_column: str | None =
     if id_col is None:
         raise InputDataError(f"{path}: no participant column (expected one of "
                              f"{', '.join(ID_COLUMNS)}); found {', '.join(header)}.")
-    t_col = header.index(target)
-    g_col = header.index(group_column) if group_column is not None else None
-
-    rows_by_id: dict[str, list[list[str]]] = {}
-    for row in rows:
-        pid = _strip_sub(row[id_col])
-        if pid:
-            rows_by_id.setdefault(pid, []).append(row)
-    numeric_ids: dict[int, str] = {}
-    for pid in rows_by_id:
-        if pid.isdigit():
-            numeric_ids[int(pid)] = pid if int(pid) not in numeric_ids else ""
-    wanted = [_strip_sub(str(p)) for p in participants] if participants is not None else list(rows_by_id)
-
-    excluded: dict[str, str] = {}
-    raw_values: dict[str, str] = {}
-    groups: dict[str, str] | None = {} if g_col is not None else None
-    name = path.name
-    for pid in dict.fromkeys(wanted):
-        key = pid if pid in rows_by_id else (numeric_ids.get(int(pid)) if pid.isdigit() else None)
-        if not key:
-            excluded[pid] = f"no row in {name}"
-            continue
-        entries = rows_by_id[key]
-        values = {r[t_col] for r in entries}
-        if len(entries) > 1 and len(values) > 1:
-            excluded[pid] = f"{len(entries)} conflicting rows in {name}"
-            continue
-        value = entries[0][t_col]
-        if _is_missing(value):
-            excluded[pid] = f"missing {target!r} value ({value or 'empty'!r})"
-            continue
-        if g_col is not None:
-            gvals = {r[g_col] for r in entries}
-            group = entries[0][g_col]
-            if len(gvals) > 1 or _is_missing(group):
-                excluded[pid] = f"missing or conflicting {group_column!r} value"
-                continue
-            assert groups is not None
-            groups[pid] = group
-        raw_values[pid] = value
+    raw_values, groups, excluded = _row_values(path, rows, id_col, header.index(target), target,
+                                               header.index(group_column) if group_column is not None else None,
+                                               group_column, participants)
     if not raw_values:
         raise InputDataError(f"{path}: no participant has a usable {target!r} value "
                              f"({len(excluded)} excluded, e.g. "
                              f"{'; '.join(f'{k}: {v}' for k, v in list(excluded.items())[:3])}).")
-    try:
-        detected, classes = detect_kind(raw_values.values(), max_classes=max_classes)
-    except InputDataError as exc:
-        raise InputDataError(f"{path}: column {target!r}: {exc}") from exc
-    if kind is not None and kind != detected:
-        if kind == "continuous":
-            if any(_as_number(v) is None for v in raw_values.values()):
-                raise UsageError(f"{path}: column {target!r} has non-numeric values; it cannot be "
-                                 "continuous.")
-            classes = []
-        elif kind == "binary" and len(set(raw_values.values())) != 2:
-            raise UsageError(f"{path}: column {target!r} has {len(set(raw_values.values()))} distinct "
-                             "values; binary needs exactly 2.")
-        else:
-            numbers = [_as_number(v) for v in raw_values.values()]
-            if all(n is not None and float(n).is_integer() for n in numbers):
-                classes = sorted({int(float(v)) for v in raw_values.values()})
-            else:
-                classes = sorted(set(raw_values.values()))
-        detected = kind
+    detected, classes = _kind_and_classes(path, target, raw_values, kind, max_classes)
     values: dict[str, Any] = {}
     for pid, value in raw_values.items():
         if detected == "continuous":
@@ -373,3 +305,104 @@ def load_labels(*candidates: str | Path, target: str, group_column: str | None =
         else:
             values[pid] = value
     return Labels(values, detected, list(classes), groups, excluded, path, target)
+
+
+def _target_table(candidates: Sequence[str | Path | None], target: str) -> tuple[Path, list[str], list[list[str]]]:
+    """The first existing candidate table with the ``target`` column: path, header and rows."""
+    existing = [Path(c) for c in candidates if c is not None and Path(c).is_file()]
+    if not existing:
+        tried = ", ".join(str(c) for c in candidates) or "(no candidate given)"
+        raise InputMissingError(f"no participants table found (looked for {tried}). Add a "
+                                "participants.tsv to the dataset or pass --phenotype FILE.")
+    seen_columns: dict[Path, list[str]] = {}
+    for path in existing:
+        header, rows = read_table(path)
+        seen_columns[path] = header
+        if target in header:
+            return path, header, rows
+    listing = "; ".join(f"{p}: {', '.join(h)}" for p, h in seen_columns.items())
+    raise UsageError(f"target column {target!r} not found. Available columns: {listing}. "
+                     "Choose one of them with --target, or pass a --phenotype file.")
+
+
+def _row_values(path: Path, rows: list[list[str]], id_col: int, t_col: int, target: str, g_col: int | None,
+                group_column: str | None, participants: Iterable[str] | None
+                ) -> tuple[dict[str, str], dict[str, str] | None, dict[str, str]]:
+    """Raw target value (and group) per wanted participant, and why the others are excluded."""
+    rows_by_id: dict[str, list[list[str]]] = {}
+    for row in rows:
+        pid = _strip_sub(row[id_col])
+        if pid:
+            rows_by_id.setdefault(pid, []).append(row)
+    numeric_ids: dict[int, str] = {}
+    for pid in rows_by_id:
+        if pid.isdigit():
+            numeric_ids[int(pid)] = pid if int(pid) not in numeric_ids else ""
+    wanted = [_strip_sub(str(p)) for p in participants] if participants is not None else list(rows_by_id)
+    excluded: dict[str, str] = {}
+    raw_values: dict[str, str] = {}
+    groups: dict[str, str] | None = {} if g_col is not None else None
+    for pid in dict.fromkeys(wanted):
+        key = pid if pid in rows_by_id else (numeric_ids.get(int(pid)) if pid.isdigit() else None)
+        if not key:
+            excluded[pid] = f"no row in {path.name}"
+            continue
+        entries = rows_by_id[key]
+        if len(entries) > 1 and len({r[t_col] for r in entries}) > 1:
+            excluded[pid] = f"{len(entries)} conflicting rows in {path.name}"
+            continue
+        value = entries[0][t_col]
+        if _is_missing(value):
+            excluded[pid] = f"missing {target!r} value ({value or 'empty'!r})"
+            continue
+        if g_col is not None and groups is not None:
+            group = entries[0][g_col]
+            if len({r[g_col] for r in entries}) > 1 or _is_missing(group):
+                excluded[pid] = f"missing or conflicting {group_column!r} value"
+                continue
+            groups[pid] = group
+        raw_values[pid] = value
+    return raw_values, groups, excluded
+
+
+def _kind_and_classes(path: Path, target: str, raw_values: dict[str, str], kind: str | None,
+                      max_classes: int) -> tuple[str, list[Any]]:
+    """The detected kind and classes of the values, or those of the requested ``kind`` when it fits."""
+    try:
+        detected, classes = detect_kind(raw_values.values(), max_classes=max_classes)
+    except InputDataError as exc:
+        raise InputDataError(f"{path}: column {target!r}: {exc}") from exc
+    if kind is None or kind == detected:
+        return detected, classes
+    if kind == "continuous":
+        if any(_as_number(v) is None for v in raw_values.values()):
+            raise UsageError(f"{path}: column {target!r} has non-numeric values; it cannot be continuous.")
+        return kind, []
+    if kind == "binary" and len(set(raw_values.values())) != 2:
+        raise UsageError(f"{path}: column {target!r} has {len(set(raw_values.values()))} distinct "
+                         "values; binary needs exactly 2.")
+    numbers = [_as_number(v) for v in raw_values.values()]
+    if all(n is not None and float(n).is_integer() for n in numbers):
+        return kind, sorted({int(float(v)) for v in raw_values.values()})
+    return kind, sorted(set(raw_values.values()))
+
+
+def label_tables(bids_dir: str | Path, *, derivatives: dict[str, str] | None = None, phenotype: str | None = None,
+                 skip_validation: bool = False) -> list[Path]:
+    """Tables that may hold a target column, in order: ``--phenotype``, the raw then the fMRIPrep ``participants.tsv``.
+
+    ``bids_dir/participants.tsv`` is added last when it is not among them.
+    """
+    from bids_regionmae.bids.discover import locate_fmriprep
+    from bids_regionmae.errors import ValidationError
+
+    try:
+        fmriprep_dir, raw_dir = locate_fmriprep(bids_dir, derivatives or None, skip_validation=skip_validation)
+    except (InputMissingError, ValidationError) as exc:
+        LOGGER.debug("no fMRIPrep dataset located (%s): looking for participants.tsv in bids_dir", exc)
+        fmriprep_dir, raw_dir = Path(bids_dir), None
+    candidates = participants_file_candidates(fmriprep_dir, raw_dir, phenotype)
+    bids_table = Path(bids_dir) / "participants.tsv"
+    if bids_table not in candidates:
+        candidates.append(bids_table)
+    return candidates

@@ -1,18 +1,17 @@
-"""Evaluation room: leak-free participant splits, metrics, reports and a classical baseline.
+"""Evaluation room: leak-free participant splits, metrics and a classical baseline.
 
-Everything here is numpy / scikit-learn / pandas / matplotlib; no torch.
+Everything here is numpy / scikit-learn; no torch. The files and pages of
+evaluation results are written by :mod:`bids_regionmae.reports.evaluation`.
 
 - :mod:`.splits` -- hold-out, k-fold and leave-one-group-out splits *by
   participant*, each with its own train / val / test (val never equals test).
 - :mod:`.metrics` -- classification and regression metrics on per-subject
   outputs (clip logits averaged per subject), fold results and summaries.
-- :mod:`.report` -- TSV / JSON / HTML (inline SVG figures) for one model and
-  the masking-strategy comparison table.
 - :mod:`.baseline` -- AAL3 region-mean time series -> Fisher-z correlation
   connectivity -> logistic / ridge regression, scored on the same splits.
 
 Submodules are imported lazily so that ``import bids_regionmae.evaluation``
-stays cheap (matplotlib and scikit-learn load only when used).
+stays cheap (scikit-learn loads only when used).
 """
 
 from __future__ import annotations
@@ -36,9 +35,6 @@ _EXPORTS = {
     "regression_metrics": "metrics",
     "make_fold_result": "metrics",
     "summarise_folds": "metrics",
-    "write_evaluation": "report",
-    "write_comparison": "report",
-    "comparison_row": "report",
     "region_timeseries": "baseline",
     "connectivity_features": "baseline",
     "evaluate_baseline": "baseline",

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..errors import InputDataError, UsageError
 from .labels import encode_labels
-from .metrics import compute_metrics, make_fold_result
+from .metrics import FoldResult, compute_metrics, log_softmax, make_fold_result
 from .splits import Split
 
 logger = logging.getLogger(__name__)
@@ -249,8 +249,7 @@ def _score(task_kind: str, y: np.ndarray, out: np.ndarray, n_classes: int | None
     else:
         logits = out
     if selection == "log_loss":
-        z = logits - logits.max(axis=1, keepdims=True)
-        log_prob = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        log_prob = log_softmax(logits, axis=1)
         return float(np.mean(log_prob[np.arange(len(y)), y]))
     if selection == "auroc" and len(np.unique(y)) == (n_classes or 2):
         return float(compute_metrics(task_kind, y, out, n_classes=n_classes)["auroc"])
@@ -296,7 +295,7 @@ def _select(task_kind: str, grid: Sequence[float], x_tr: np.ndarray, y_tr: np.nd
 def evaluate_features(subjects: Sequence[str], features: Any, labels: Sequence[Any], splits: Sequence[Split], *,
                       task_kind: str | None = None, class_names: Sequence[Any] | None = None,
                       grid: Sequence[float] | None = None, seed: int = 0, class_weight: str | None = None,
-                      selection: str = "log_loss", model_name: str | None = None) -> list[dict[str, Any]]:
+                      selection: str = "log_loss", model_name: str | None = None) -> list[FoldResult]:
     """Fit and score a linear model on fixed features, one fold result per split.
 
     Parameters
@@ -398,7 +397,7 @@ def evaluate_baseline(subjects: Sequence[str], timeseries: Sequence[Any], labels
                       splits: Sequence[Split], *, task_kind: str | None = None,
                       class_names: Sequence[Any] | None = None, grid: Sequence[float] | None = None,
                       seed: int = 0, fisher_z: bool = True, class_weight: str | None = None,
-                      selection: str = "log_loss", model_name: str | None = None) -> list[dict[str, Any]]:
+                      selection: str = "log_loss", model_name: str | None = None) -> list[FoldResult]:
     """Connectivity baseline evaluated on the given splits.
 
     Parameters

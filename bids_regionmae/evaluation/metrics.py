@@ -16,8 +16,9 @@ Conventions (as NeuroSTORM, on per-subject outputs):
 Degenerate inputs (a single class in a test fold, a constant target) give
 NaN for the undefined metrics and a logged warning, never an exception.
 
-A *fold result* is a plain dictionary (JSON-ready) made by
-:func:`make_fold_result`::
+A *fold result* is a :class:`FoldResult` made by :func:`make_fold_result`;
+its JSON form (:meth:`FoldResult.to_dict`, read back with
+:meth:`FoldResult.from_dict`) is::
 
     {"name": "fold-0", "task_kind": "binary", "class_names": ["Control", "ADHD"],
      "model": "regionmae-cerebellum", "subjects": [...], "y_true": [...],
@@ -34,6 +35,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -44,17 +46,77 @@ from .splits import Split, SplitError
 
 logger = logging.getLogger(__name__)
 
+
+@dataclass
+class FoldResult:
+    """One fold's scored test participants: what every report and table of results reads.
+
+    Attributes
+    ----------
+    name : str
+        Fold (split) name.
+    task_kind : {'binary', 'multiclass', 'regression'}
+    subjects : list of str
+        Test participants, one per output.
+    y_true : list
+        Class indices (or values for regression) per participant.
+    outputs : list
+        Per-participant logit (binary), list of C logits (multiclass) or prediction (regression).
+    metrics : dict
+        :func:`compute_metrics` output (JSON-ready; NaN where undefined).
+    class_names : list of str or None
+    model : str or None
+        Model label in comparison tables.
+    split : dict or None
+        :meth:`Split.to_dict` of the split the fold was trained on.
+    sizes : dict of str to int
+        Participants per partition.
+    extra : dict
+        Anything else kept with the fold (training summary, chosen hyper-parameters...).
+    """
+
+    name: str
+    task_kind: str
+    subjects: list[str]
+    y_true: list[Any]
+    outputs: list[Any]
+    metrics: dict[str, Any]
+    class_names: list[str] | None = None
+    model: str | None = None
+    split: dict[str, Any] | None = None
+    sizes: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (keys in the documented order)."""
+        return {"name": self.name, "task_kind": self.task_kind, "class_names": self.class_names,
+                "model": self.model, "subjects": self.subjects, "y_true": self.y_true, "outputs": self.outputs,
+                "metrics": self.metrics, "split": self.split, "sizes": self.sizes, "extra": self.extra}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FoldResult:
+        """Inverse of :meth:`to_dict` (unknown keys are ignored)."""
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        values["sizes"] = dict(values.get("sizes") or {})
+        values["extra"] = dict(values.get("extra") or {})
+        return cls(**values)
+
 __all__ = [
     "CLASSIFICATION_METRICS",
     "REGRESSION_METRICS",
+    "FoldResult",
     "aggregate_by_subject",
     "binary_logits",
     "classification_metrics",
     "compute_metrics",
     "format_mean_sd",
+    "log_softmax",
     "make_fold_result",
     "pooled_metrics",
     "regression_metrics",
+    "sigmoid",
+    "softmax",
     "subject_labels",
     "summarise_folds",
 ]
@@ -136,10 +198,24 @@ def binary_logits(outputs: Any) -> np.ndarray:
     return out
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
+def sigmoid(x: Any) -> np.ndarray:
+    """``1 / (1 + exp(-x))`` in float64: the probability of the positive class from one logit."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
+def softmax(z: Any, axis: int = -1) -> np.ndarray:
+    """Class probabilities from logits along ``axis`` (max-shifted), float64."""
+    z = np.asarray(z, dtype=np.float64)
+    z = z - z.max(axis=axis, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def log_softmax(z: Any, axis: int = -1) -> np.ndarray:
+    """Log class probabilities from logits along ``axis`` (max-shifted), float64."""
+    z = np.asarray(z, dtype=np.float64)
+    z = z - z.max(axis=axis, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
 
 
 def _ratio(num: float, den: float) -> float:
@@ -192,7 +268,7 @@ def classification_metrics(y_true: Any, outputs: Any, n_classes: int | None = No
         tn, fp, fn, tp = (int(v) for v in cm.ravel())
         sens, spec = _ratio(tp, tp + fn), _ratio(tn, tn + fp)
         if tp + fn and tn + fp:
-            auroc = float(roc_auc_score(y, 1.0 / (1.0 + np.exp(-logit))))
+            auroc = float(roc_auc_score(y, sigmoid(logit)))
         else:
             auroc = math.nan
             logger.warning("%sall %d test subjects are of class %d: AUROC, %s are undefined (NaN).",
@@ -215,7 +291,7 @@ def classification_metrics(y_true: Any, outputs: Any, n_classes: int | None = No
         raise UsageError(f"outputs have {out.shape[1]} columns but n_classes={c}.")
     if np.any((y < 0) | (y >= c)):
         raise UsageError(f"class indices must be in 0..{c - 1}; got {sorted(set(y.tolist()))}.")
-    prob = _softmax(out)
+    prob = softmax(out, axis=1)
     pred = out.argmax(axis=1)
     cm = _confusion(y, pred, c)
     tp = np.diag(cm).astype(float)
@@ -321,7 +397,7 @@ def _json_number(v: Any) -> Any:
 
 def make_fold_result(name: str, subjects: Sequence[str], y_true: Any, outputs: Any, task_kind: str, *,
                      class_names: Sequence[str] | None = None, split: Split | None = None,
-                     model: str | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                     model: str | None = None, extra: Mapping[str, Any] | None = None) -> FoldResult:
     """Score one fold's test subjects and package everything a report needs.
 
     Parameters
@@ -349,8 +425,7 @@ def make_fold_result(name: str, subjects: Sequence[str], y_true: Any, outputs: A
 
     Returns
     -------
-    dict
-        The fold result (see the module docstring).
+    FoldResult
     """
     check_task_kind(task_kind)
     subjects = [str(s) for s in subjects]
@@ -377,22 +452,15 @@ def make_fold_result(name: str, subjects: Sequence[str], y_true: Any, outputs: A
         raise UsageError(f"fold {name}: {len(subjects)} subjects, {len(y)} labels and {out.shape[0]} outputs; "
                          "they must pair up.")
     metrics = compute_metrics(task_kind, y, out, n_classes=n_classes, context=f"fold {name}")
-    return {
-        "name": str(name),
-        "task_kind": task_kind,
-        "class_names": list(class_names) if class_names is not None else None,
-        "model": model,
-        "subjects": subjects,
-        "y_true": [_json_number(v) for v in y.tolist()],
-        "outputs": out.tolist(),
-        "metrics": {k: _json_number(v) for k, v in metrics.items()},
-        "split": split.to_dict() if split is not None else None,
-        "sizes": split.sizes() if split is not None else {"test": len(subjects)},
-        "extra": dict(extra or {}),
-    }
+    return FoldResult(name=str(name), task_kind=task_kind,
+                      class_names=list(class_names) if class_names is not None else None, model=model,
+                      subjects=subjects, y_true=[_json_number(v) for v in y.tolist()], outputs=out.tolist(),
+                      metrics={k: _json_number(v) for k, v in metrics.items()},
+                      split=split.to_dict() if split is not None else None,
+                      sizes=split.sizes() if split is not None else {"test": len(subjects)}, extra=dict(extra or {}))
 
 
-def pooled_metrics(fold_results: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+def pooled_metrics(fold_results: Sequence[FoldResult]) -> dict[str, Any] | None:
     """Metrics over the concatenated test predictions of all folds.
 
     Meaningful when each subject is tested once (k-fold, leave-one-group-out).
@@ -400,13 +468,13 @@ def pooled_metrics(fold_results: Sequence[Mapping[str, Any]]) -> dict[str, Any] 
     """
     if not fold_results:
         return None
-    subjects = [s for r in fold_results for s in r["subjects"]]
+    subjects = [s for r in fold_results for s in r.subjects]
     if len(set(subjects)) != len(subjects):
         return None
-    task_kind = fold_results[0]["task_kind"]
-    class_names = fold_results[0].get("class_names")
-    y = np.concatenate([np.asarray(r["y_true"]) for r in fold_results])
-    out = np.concatenate([np.asarray(r["outputs"], dtype=np.float64) for r in fold_results])
+    task_kind = fold_results[0].task_kind
+    class_names = fold_results[0].class_names
+    y = np.concatenate([np.asarray(r.y_true) for r in fold_results])
+    out = np.concatenate([np.asarray(r.outputs, dtype=np.float64) for r in fold_results])
     n_classes = len(class_names) if class_names else None
     metrics = compute_metrics(task_kind, y, out, n_classes=n_classes, context="pooled")
     return {k: _json_number(v) for k, v in metrics.items()}
@@ -416,14 +484,14 @@ def _scalar(v: Any) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
 
-def summarise_folds(fold_metrics: Sequence[Mapping[str, Any]]) -> tuple[Any, dict[str, dict[str, float]]]:
+def summarise_folds(fold_metrics: Sequence[FoldResult | Mapping[str, Any]]
+                    ) -> tuple[Any, dict[str, dict[str, float]]]:
     """Per-fold table and mean +/- sd of every scalar metric.
 
     Parameters
     ----------
-    fold_metrics : sequence of dict
-        Either fold results (with ``"name"`` and ``"metrics"``) or plain
-        metric dictionaries.
+    fold_metrics : sequence of FoldResult or dict
+        Fold results, or plain metric dictionaries (named by their ``fold`` key).
 
     Returns
     -------
@@ -440,8 +508,10 @@ def summarise_folds(fold_metrics: Sequence[Mapping[str, Any]]) -> tuple[Any, dic
 
     rows = []
     for i, entry in enumerate(fold_metrics):
-        metrics = entry.get("metrics", entry) if isinstance(entry, Mapping) else entry
-        name = entry.get("name", f"fold-{i}") if "metrics" in entry else metrics.get("fold", f"fold-{i}")
+        if isinstance(entry, FoldResult):
+            metrics, name = entry.metrics, entry.name
+        else:
+            metrics, name = entry, entry.get("fold", f"fold-{i}")
         row: dict[str, Any] = {"fold": str(name)}
         row.update({k: float(v) if isinstance(v, (float, np.floating)) else v
                     for k, v in metrics.items() if _scalar(v)})

@@ -12,13 +12,14 @@
   :class:`~bids_regionmae.models.heads.FinetuneModel` construction;
 - :mod:`.cv` -- :class:`~.cv.Finetuner`: one model per participant split,
   scored on that split's test participants only, and the final refit;
-- :mod:`.testing` -- a labelled synthetic cohort for tests and demos.
+- :mod:`.cohort` -- the labelled cohort, its leak-free splits and the
+  connectivity baseline on them.
 
 The stage workflows (:mod:`bids_regionmae.workflows.finetune`,
-:mod:`bids_regionmae.workflows.compare`) read labels and data, write files and
-call these pieces.
+:mod:`bids_regionmae.workflows.compare`) read labels and data and call these
+pieces; :mod:`bids_regionmae.reports.finetune` writes the tables and pages.
 """
 
 from __future__ import annotations
 
-__all__ = ["cv", "data", "model", "task", "testing", "train"]
+__all__ = ["cohort", "cv", "data", "model", "task", "train"]

@@ -48,6 +48,8 @@ import torch
 from torch import nn
 
 from bids_regionmae.atomic import atomic_write_json
+from bids_regionmae.evaluation.metrics import FoldResult
+from bids_regionmae.evaluation.splits import Split
 from bids_regionmae.finetune.data import EmbeddingSet, LabelledClips, clip_subjects, infer, subset
 from bids_regionmae.finetune.task import LossSpec, Task, class_balance
 from bids_regionmae.finetune.train import FitOutcome, fit
@@ -206,7 +208,7 @@ class Finetuner:
 
     # ------------------------------------------------------------------ training
 
-    def train_split(self, split: Any, index: int, folder: str | Path) -> SplitOutcome:
+    def train_split(self, split: Split, index: int, folder: str | Path) -> SplitOutcome:
         """Train on ``split.train`` with early stopping on ``split.val``.
 
         Parameters
@@ -259,7 +261,7 @@ class Finetuner:
         model.cpu()
         return names, out.numpy()
 
-    def score(self, outcome: SplitOutcome, split: Any) -> dict[str, Any]:
+    def score(self, outcome: SplitOutcome, split: Split) -> FoldResult:
         """Fold result of the split's test participants (subject-level, :func:`make_fold_result`)."""
         from bids_regionmae.evaluation.metrics import aggregate_by_subject, make_fold_result
 
@@ -277,41 +279,41 @@ class Finetuner:
 
     # ------------------------------------------------------------------ schemes
 
-    def fold_folder(self, split: Any) -> Path:
+    def fold_folder(self, split: Split) -> Path:
         return self.out_dir / "folds" / split.name
 
-    def evaluate_split(self, split: Any, index: int) -> dict[str, Any]:
+    def evaluate_split(self, split: Split, index: int) -> FoldResult:
         """Train and score one split, or load its result when a previous run finished it."""
         folder = self.fold_folder(split)
         marker = folder / FOLD_RESULT
         if marker.is_file() and self.settings.resume:
-            result = json.loads(marker.read_text(encoding="utf-8"))
-            if result.get("split") == split.to_dict():
+            record = json.loads(marker.read_text(encoding="utf-8"))
+            if record.get("split") == split.to_dict():
                 LOGGER.info("split %s: already done (%s)", split.name, marker)
-                return result
+                return FoldResult.from_dict(record)
             LOGGER.warning("split %s: %s belongs to another split; training again", split.name, marker)
         outcome = self.train_split(split, index, folder)
         result = self.score(outcome, split)
         if self.info.is_main:
-            atomic_write_json(marker, _clean_json(result))
+            atomic_write_json(marker, _clean_json(result.to_dict()))
             shutil.rmtree(folder / "checkpoints", ignore_errors=True)
         return result
 
-    def cross_validate(self, splits: Sequence[Any]) -> list[dict[str, Any]]:
+    def cross_validate(self, splits: Sequence[Split]) -> list[FoldResult]:
         """Fold results of every split (see :meth:`evaluate_split`), in order."""
         results = []
         for index, split in enumerate(splits):
             results.append(self.evaluate_split(split, index))
-            shown = {k: v for k, v in results[-1]["metrics"].items() if k in ("acc", "auroc", "mae", "r2")}
+            shown = {k: v for k, v in results[-1].metrics.items() if k in ("acc", "auroc", "mae", "r2")}
             LOGGER.info("split %s done: %s", split.name, ", ".join(f"{k} {float(v):.3f}" for k, v in shown.items()))
         return results
 
-    def refit(self, split: Any, index: int = 10_000) -> SplitOutcome:
+    def refit(self, split: Split, index: int = 10_000) -> SplitOutcome:
         """The deliverable model: train on ``split.train``, early-stop on ``split.val`` (no test set)."""
         return self.train_split(split, index, self.out_dir / "final")
 
 
-def _check_disjoint(split: Any) -> None:
+def _check_disjoint(split: Split) -> None:
     """A split's partitions share no participant (an empty test set is allowed: the final refit)."""
     if split.test:
         split.assert_disjoint()
@@ -324,7 +326,7 @@ def _check_disjoint(split: Any) -> None:
                                                       else "no training participant"))
 
 
-def check_scored_subjects(fold_results: Sequence[Mapping[str, Any]]) -> None:
+def check_scored_subjects(fold_results: Sequence[FoldResult]) -> None:
     """Raise when a fold scored a participant outside its test set (a leak).
 
     Raises
@@ -334,12 +336,12 @@ def check_scored_subjects(fold_results: Sequence[Mapping[str, Any]]) -> None:
     from bids_regionmae.evaluation.splits import Split, SplitError
 
     for result in fold_results:
-        split = Split.from_dict(result["split"])
-        if set(result["subjects"]) - set(split.test):
-            raise SplitError(f"fold {result['name']}: scored participants outside its test set")
+        split = Split.from_dict(result.split)
+        if set(result.subjects) - set(split.test):
+            raise SplitError(f"fold {result.name}: scored participants outside its test set")
 
 
-def pooled_summary(fold_results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def pooled_summary(fold_results: Sequence[FoldResult]) -> dict[str, Any]:
     """Mean and sd over folds of every scalar metric (:func:`summarise_folds`)."""
     from bids_regionmae.evaluation.metrics import summarise_folds
 
@@ -348,7 +350,12 @@ def pooled_summary(fold_results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             for k, v in summary.items()}
 
 
-def fold_clip_counts(data: Any, splits: Sequence[Any]) -> dict[str, dict[str, int]]:
+def summary_floats(summary: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """A :func:`pooled_summary` with None turned back into NaN (for comparison tables)."""
+    return {k: {kk: (math.nan if vv is None else vv) for kk, vv in v.items()} for k, v in summary.items()}
+
+
+def fold_clip_counts(data: LabelledClips, splits: Sequence[Split]) -> dict[str, dict[str, int]]:
     """Clips per partition of every split (for logs and manifests)."""
     subjects = clip_subjects(data)
     out = {}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from bids_regionmae.errors import UsageError
+
+if TYPE_CHECKING:
+    from bids_regionmae.train.data import ClipDataset
 
 __all__ = ["EmbeddingSet", "LabelledClips", "clip_subjects", "infer", "subset"]
 
@@ -55,7 +58,7 @@ class LabelledClips(Dataset):
     in this dataset).
     """
 
-    def __init__(self, clips: Any, targets: Mapping[str, float], *, cache_bytes: int = DEFAULT_CACHE_BYTES):
+    def __init__(self, clips: ClipDataset, targets: Mapping[str, float], *, cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.base = clips
         self.targets = {str(k): float(v) for k, v in targets.items()}
         self.indices = [i for i, ref in enumerate(clips.clips) if ref.subject in self.targets]

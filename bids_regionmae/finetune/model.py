@@ -1,7 +1,7 @@
-"""Starting encoders, fine-tuning models and the saved deliverable.
+"""Starting encoders and fine-tuning models.
 
-- :func:`load_pretrained_encoder`: the encoder of a pretraining model directory
-  (:func:`bids_regionmae.models.checkpoint.load_model`), with its spec;
+- a pretrained encoder comes from its model directory
+  (:meth:`bids_regionmae.models.model_dir.ModelDir.load_encoder`);
 - :func:`random_encoder`: a seeded, randomly initialised encoder of a variant
   (the "no pretraining" control);
 - :func:`build_finetune_model`: a :class:`~bids_regionmae.models.heads.FinetuneModel`
@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,54 +23,10 @@ from bids_regionmae.finetune.task import Task
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["EncoderEmbedding", "build_finetune_model", "load_pretrained_encoder", "random_encoder",
-           "trainable_parameter_names"]
+__all__ = ["EncoderEmbedding", "build_finetune_model", "random_encoder", "trainable_parameter_names"]
 
 #: Stream key of the random-encoder seed (see :func:`bids_regionmae.train.engine.derive_seed`).
 STREAM_ENCODER = 23
-
-
-def load_pretrained_encoder(model_dir: str | Path, backend: str = "auto") -> tuple[nn.Module, Any, dict[str, Any]]:
-    """The encoder of a pretraining model directory.
-
-    Parameters
-    ----------
-    model_dir : path
-        A directory written by ``group --stage pretrain`` (``models/<name>/``).
-    backend : {'auto', 'mamba-ssm', 'torch'}
-
-    Returns
-    -------
-    encoder : NeuroSTORMEncoder
-        On CPU.
-    spec : ModelSpec
-    metadata : dict
-        What the directory says about itself (stage, masking...).
-
-    Raises
-    ------
-    InputMissingError
-        No such directory.
-    UsageError
-        Not a model directory the checkpoint module can read.
-    """
-    from bids_regionmae.errors import InputMissingError, UsageError
-    from bids_regionmae.models.checkpoint import load_model
-    from bids_regionmae.models.neurostorm import NeuroSTORMEncoder
-
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise InputMissingError(f"--model {model_dir}: no such directory. Give a model directory written by "
-                                "'group --stage pretrain' (output_dir/models/pretrain_...).")
-    model, spec, metadata = load_model(model_dir, backend=backend)
-    encoder = getattr(model, "encoder", model)
-    if not isinstance(encoder, NeuroSTORMEncoder):
-        raise UsageError(f"--model {model_dir}: holds a {type(model).__name__} without a NeuroSTORM encoder; "
-                         "give a directory written by 'group --stage pretrain'")
-    encoder.train()
-    for p in encoder.parameters():
-        p.requires_grad_(True)
-    return encoder.cpu(), spec, dict(metadata)
 
 
 def random_encoder(variant: str, backend: str = "auto", seed: int = 0) -> tuple[nn.Module, Any]:

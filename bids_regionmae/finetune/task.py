@@ -18,13 +18,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from bids_regionmae.errors import UsageError
+
+if TYPE_CHECKING:
+    from bids_regionmae.bids.labels import Labels
 
 __all__ = ["TASK_KINDS", "LossSpec", "Task", "class_balance", "task_from_labels"]
 
@@ -70,7 +73,7 @@ class Task:
         return {"kind": self.kind, "target": self.target, "class_names": list(self.class_names)}
 
 
-def task_from_labels(labels: Any) -> tuple[Task, dict[str, float]]:
+def task_from_labels(labels: Labels) -> tuple[Task, dict[str, float]]:
     """Task and encoded targets from :class:`bids_regionmae.bids.labels.Labels`.
 
     Returns

@@ -42,9 +42,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
+
+from bids_regionmae.choices import MASK_STRATEGIES
 
 from .patches import (
     PATCH_RULES,
@@ -66,10 +69,12 @@ from .strategies import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CANDIDATES", "STRATEGIES", "Masker", "build_masker"]
+__all__ = ["CANDIDATES", "STRATEGIES", "MaskStrategy", "Masker", "build_masker", "register_strategy",
+           "strategy_class"]
 
-Strategy = Literal["random", "region", "random-region"]
-STRATEGIES: tuple[str, ...] = ("random", "region", "random-region")
+Strategy = Literal[MASK_STRATEGIES]
+#: The registered strategy names (= :data:`bids_regionmae.choices.MASK_STRATEGIES`).
+STRATEGIES: tuple[str, ...] = MASK_STRATEGIES
 CANDIDATES: tuple[str, ...] = ("all", "brain")
 
 
@@ -80,6 +85,8 @@ class Masker:
     ----------
     strategy : str
         One of :data:`STRATEGIES`.
+    kind : type of MaskStrategy
+        The registered class of ``strategy``: it draws the masks.
     patch_size : tuple of 4 int
         ``(px, py, pz, pt)``.
     grid : tuple of 4 int
@@ -105,6 +112,7 @@ class Masker:
                  n_candidates: int, n_brain_patches: int, labels: list[int], empty_labels: list[int],
                  region_labels: torch.Tensor, region_maps: torch.Tensor, brain_mask_given: bool):
         self.strategy = strategy
+        self.kind = strategy_class(strategy)
         self.patch_size = patch_size
         self.grid = grid
         self.region_patch_map = region_patch_map
@@ -123,7 +131,8 @@ class Masker:
         self.device = region_patch_map.device
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _maps_on(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    def maps_on(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """:attr:`region_patch_map` and :attr:`region_maps` on ``device`` (cached)."""
         key = str(torch.device(device))
         if key not in self._cache:
             self._cache[key] = (self.region_patch_map.to(device), self.region_maps.to(device))
@@ -149,15 +158,7 @@ class Masker:
             True = masked token; the same spatial pattern in every frame.
         """
         device = self.device if device is None else torch.device(device)
-        pmap, rmaps = self._maps_on(device)
-        T = self.grid[3]
-        if self.strategy == "random":
-            return random_tube_mask(pmap, batch_size, T, self.ratio, generator=generator, device=device)
-        if self.strategy == "region":
-            return region_tube_mask(pmap, batch_size, T, fraction=self.fraction, generator=generator,
-                                    device=device)
-        return random_region_mask(rmaps, batch_size, T, self.ratio, n_candidates=self.n_candidates,
-                                  generator=generator, device=device)
+        return self.kind.draw(self, batch_size, generator, device)
 
     @property
     def n_region_patches(self) -> int:
@@ -182,7 +183,7 @@ class Masker:
             and ``brain_mask`` (whether one was given). Keys that do not apply
             are None.
         """
-        n_masked = n_to_mask(self.fraction if self.strategy == "region" else self.ratio, self.n_candidates)
+        n_masked = n_to_mask(self.fraction if self.kind.uses_regions else self.ratio, self.n_candidates)
         return {
             "strategy": self.strategy,
             "patch_size": list(self.patch_size),
@@ -207,13 +208,291 @@ class Masker:
                 f"ratio={d['ratio']}, fraction={d['fraction']}, n_region_patches={d['n_region_patches']})")
 
 
+# --------------------------------------------------------------------------- strategies
+
+
+@dataclass
+class PatchContext:
+    """What every strategy's build step shares: the label map reduced to patches once.
+
+    Attributes
+    ----------
+    size : tuple of 4 int
+        Checked patch size.
+    grid : tuple of 4 int
+        Token grid ``(D, H, W, T)``.
+    voxel_labels : LongTensor, shape (X, Y, Z)
+    brain_map : BoolTensor, shape (D, H, W)
+        Patches with a brain voxel.
+    present : LongTensor, shape (L,)
+        Labels present (sorted).
+    held : BoolTensor, shape (L, D, H, W)
+        Patches each present label holds under ``rule``.
+    held_labels : set of int
+        Labels holding at least one patch.
+    device : torch.device
+    rule : str
+    common : dict
+        Keyword arguments of :class:`Masker` shared by every strategy.
+    """
+
+    size: tuple[int, int, int, int]
+    grid: tuple[int, int, int, int]
+    voxel_labels: torch.Tensor
+    brain_map: torch.Tensor
+    present: torch.Tensor
+    held: torch.Tensor
+    held_labels: set[int]
+    device: torch.device
+    rule: str
+    common: dict[str, Any]
+
+    def no_regions(self) -> dict[str, torch.Tensor]:
+        """The empty ``region_labels`` / ``region_maps`` of strategies without a region pool."""
+        return dict(region_labels=torch.zeros(0, dtype=torch.long, device=self.device),
+                    region_maps=torch.zeros((0, *self.grid[:3]), dtype=torch.bool, device=self.device))
+
+
+class PlanFields(Protocol):
+    """The fields of a :class:`~bids_regionmae.masking.plan.MaskingPlan` that name and describe a strategy."""
+
+    region: str | None
+    labels: tuple[int, ...]
+    rule: str
+    ratio: float
+    fraction: float
+
+
+class MaskStrategy:
+    """A masking strategy: what it precomputes from the label map, how it draws masks, how it is named.
+
+    Subclasses are registered by name with :func:`register_strategy`; the
+    name must be one of :data:`bids_regionmae.choices.MASK_STRATEGIES`.
+
+    Class attributes
+    ----------------
+    name : str
+    uses_regions : bool
+        Masks the regions selected with ``--regions`` (``fraction`` applies);
+        otherwise ``ratio`` applies.
+    map_description : str
+        What :attr:`Masker.region_patch_map` shows for this strategy.
+    """
+
+    name: ClassVar[str]
+    uses_regions: ClassVar[bool] = False
+    map_description: ClassVar[str] = ""
+
+    @classmethod
+    def build(cls, ctx: PatchContext, *, labels: list[int] | None, ratio: float, fraction: float,
+              candidates: str) -> Masker:
+        """Precompute the patch maps of this strategy (see :func:`build_masker`)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def draw(masker: Masker, batch_size: int, generator: torch.Generator | None,
+             device: torch.device) -> torch.Tensor:
+        """One batch of token masks, BoolTensor (B, D, H, W, T)."""
+        raise NotImplementedError
+
+    @classmethod
+    def tag(cls, plan: PlanFields) -> str:
+        """The masking part of a model directory name (see :func:`bids_regionmae.outputs.naming.pretrain_dir_name`)."""
+        raise NotImplementedError
+
+    @classmethod
+    def text(cls, plan: PlanFields) -> str:
+        """One phrase for methods text and reports."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[MaskStrategy]] = {}
+
+
+def register_strategy(cls: type[MaskStrategy]) -> type[MaskStrategy]:
+    """Class decorator: make ``cls`` the implementation of the strategy ``cls.name``.
+
+    Raises
+    ------
+    ValueError
+        ``cls.name`` is not in :data:`bids_regionmae.choices.MASK_STRATEGIES` (add it there first).
+    """
+    if cls.name not in MASK_STRATEGIES:
+        raise ValueError(f"masking strategy {cls.name!r} is not in bids_regionmae.choices.MASK_STRATEGIES "
+                         f"{MASK_STRATEGIES}: add its name there so the CLI and the config accept it")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def strategy_class(name: str) -> type[MaskStrategy]:
+    """The registered class of strategy ``name``.
+
+    Raises
+    ------
+    ValueError
+        Unknown name.
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}") from None
+
+
+def _pct(value: float) -> str:
+    return f"{value * 100:g}".replace(".", "p")
+
+
+@register_strategy
+class RandomTube(MaskStrategy):
+    """NeuroSTORM's random tube masking: ``round(ratio * n)`` of ``n`` candidate patches, in every frame."""
+
+    name = "random"
+    map_description = "candidate patches (ratio of them masked per clip)"
+
+    @classmethod
+    def build(cls, ctx: PatchContext, *, labels: list[int] | None, ratio: float, fraction: float,
+              candidates: str) -> Masker:
+        ratio = _check_fraction(ratio, "ratio")
+        cmap = torch.ones(ctx.grid[:3], dtype=torch.bool, device=ctx.device) if candidates == "all" else ctx.brain_map
+        n_cand = int(cmap.sum())
+        if n_cand == 0:
+            raise ValueError("candidates='brain' but the brain mask has no voxel: nothing can be masked")
+        return Masker(cls.name, ctx.size, ctx.grid, region_patch_map=cmap, ratio=ratio, fraction=None,
+                      candidates=candidates, n_candidates=n_cand, labels=[], empty_labels=[],
+                      **ctx.no_regions(), **ctx.common)
+
+    @staticmethod
+    def draw(masker: Masker, batch_size: int, generator: torch.Generator | None,
+             device: torch.device) -> torch.Tensor:
+        pmap, _ = masker.maps_on(device)
+        return random_tube_mask(pmap, batch_size, masker.grid[3], masker.ratio, generator=generator, device=device)
+
+    @classmethod
+    def tag(cls, plan: PlanFields) -> str:
+        return f"random-ratio{_pct(plan.ratio)}"
+
+    @classmethod
+    def text(cls, plan: PlanFields) -> str:
+        return f"random tube masking, ratio {plan.ratio}"
+
+
+@register_strategy
+class RegionTube(MaskStrategy):
+    """Region-aware masking: the patches of the selected labels (``fraction`` of them per sample), in every frame."""
+
+    name = "region"
+    uses_regions = True
+    map_description = "patches masked in every frame"
+
+    @classmethod
+    def build(cls, ctx: PatchContext, *, labels: list[int] | None, ratio: float, fraction: float,
+              candidates: str) -> Masker:
+        fraction = _check_fraction(fraction, "fraction")
+        if not labels:
+            raise ValueError("strategy 'region' needs labels: the atlas label indices of the "
+                             "region(s) to mask")
+        size, rule, vl = ctx.size, ctx.rule, ctx.voxel_labels
+        wanted = sorted({int(v) for v in labels})
+        empty = [v for v in wanted if v not in ctx.held_labels]
+        rmap = region_patches(vl, wanted, size[:3], rule)
+        if not bool(rmap.any()):
+            raise EmptyRegionError(
+                f"none of the selected labels {wanted} has a patch under the {rule!r} rule at patch size "
+                f"{size[:3]}: nothing to mask. Use a larger region, rule='any', or check that the "
+                f"atlas is on the model grid")
+        _warn_empty(empty, rule, size, "selected labels")
+        if empty:
+            in_union = torch.isin(vl, torch.as_tensor(empty, device=ctx.device)) \
+                & rmap.repeat_interleave(size[0], 0).repeat_interleave(size[1], 1) \
+                .repeat_interleave(size[2], 2)
+            never = sorted(set(empty) - set(vl[in_union].unique().tolist()))
+            if never:
+                logger.warning("labels %s have no voxel in the masked patches of the selection: "
+                               "they are never masked", never)
+        return Masker(cls.name, size, ctx.grid, region_patch_map=rmap, ratio=None, fraction=fraction,
+                      candidates=None, n_candidates=int(rmap.sum()), labels=wanted, empty_labels=empty,
+                      **ctx.no_regions(), **ctx.common)
+
+    @staticmethod
+    def draw(masker: Masker, batch_size: int, generator: torch.Generator | None,
+             device: torch.device) -> torch.Tensor:
+        pmap, _ = masker.maps_on(device)
+        return region_tube_mask(pmap, batch_size, masker.grid[3], fraction=masker.fraction, generator=generator,
+                                device=device)
+
+    @classmethod
+    def tag(cls, plan: PlanFields) -> str:
+        import re
+
+        joined = plan.region or "none"
+        tag = "region-" + re.sub(r"[^a-z0-9+\-]", "", joined.lower().replace(",", "+").replace("_", "-"))
+        return tag + (f"-frac{_pct(plan.fraction)}" if plan.fraction < 1.0 else "")
+
+    @classmethod
+    def text(cls, plan: PlanFields) -> str:
+        region = plan.region or f"{len(plan.labels)} AAL3 labels"
+        return f"region-aware masking of {region} (patch rule {plan.rule})"
+
+
+@register_strategy
+class RandomRegion(MaskStrategy):
+    """Whole atlas regions drawn at random per sample until ``round(ratio * n)`` pooled patches are masked."""
+
+    name = "random-region"
+    map_description = "union of the candidate regions"
+
+    @classmethod
+    def build(cls, ctx: PatchContext, *, labels: list[int] | None, ratio: float, fraction: float,
+              candidates: str) -> Masker:
+        ratio = _check_fraction(ratio, "ratio")
+        pool = sorted({int(v) for v in labels} - {0}) if labels is not None else ctx.present.tolist()
+        if not pool:
+            raise ValueError("strategy 'random-region' got an empty labels pool")
+        keep = [v for v in pool if v in ctx.held_labels]
+        empty = [v for v in pool if v not in ctx.held_labels]
+        if not keep:
+            raise EmptyRegionError(f"no region of the pool {pool} has a patch under the {ctx.rule!r} rule at "
+                                   f"patch size {ctx.size[:3]}: nothing to mask")
+        _warn_empty(empty, ctx.rule, ctx.size, "regions (never drawn by random-region)")
+        region_labels = torch.as_tensor(keep, dtype=torch.long, device=ctx.device)
+        region_maps = ctx.held[torch.searchsorted(ctx.present, region_labels)]
+        union = region_maps.any(0)
+        return Masker(cls.name, ctx.size, ctx.grid, region_patch_map=union, ratio=ratio, fraction=None,
+                      candidates=None, n_candidates=int(union.sum()), labels=keep, empty_labels=empty,
+                      region_labels=region_labels, region_maps=region_maps, **ctx.common)
+
+    @staticmethod
+    def draw(masker: Masker, batch_size: int, generator: torch.Generator | None,
+             device: torch.device) -> torch.Tensor:
+        _, rmaps = masker.maps_on(device)
+        return random_region_mask(rmaps, batch_size, masker.grid[3], masker.ratio, n_candidates=masker.n_candidates,
+                                  generator=generator, device=device)
+
+    @classmethod
+    def tag(cls, plan: PlanFields) -> str:
+        return f"randomregion-ratio{_pct(plan.ratio)}"
+
+    @classmethod
+    def text(cls, plan: PlanFields) -> str:
+        return f"random whole-region masking, ratio {plan.ratio}"
+
+
+_unregistered = set(MASK_STRATEGIES) - set(_REGISTRY)
+if _unregistered:  # pragma: no cover - a developer added a name without a class
+    raise ImportError(f"masking strategies {sorted(_unregistered)} are named in bids_regionmae.choices but no "
+                      "class is registered for them in bids_regionmae.masking.builder")
+
+
+# --------------------------------------------------------------------------- build
+
+
 def _warn_empty(empty: list[int], rule: str, patch_size: Sequence[int], what: str) -> None:
     if empty:
         logger.warning("%d %s have no patch of their own under the %r rule at patch size %s: labels %s",
                        len(empty), what, rule, tuple(patch_size[:3]), empty)
 
 
-def build_masker(strategy: Strategy, voxel_labels: torch.Tensor, patch_size: Sequence[int], *,
+def build_masker(strategy: Strategy | type[MaskStrategy], voxel_labels: torch.Tensor, patch_size: Sequence[int], *,
                  labels: Sequence[int] | None = None, ratio: float = 0.5, fraction: float = 1.0,
                  rule: PatchRule = "majority", brain_mask: torch.Tensor | None = None, T: int,
                  candidates: Literal["all", "brain"] = "all",
@@ -222,8 +501,8 @@ def build_masker(strategy: Strategy, voxel_labels: torch.Tensor, patch_size: Seq
 
     Parameters
     ----------
-    strategy : {'random', 'region', 'random-region'}
-        See the module docstring.
+    strategy : {'random', 'region', 'random-region'} or MaskStrategy subclass
+        A registered strategy, by name or class (see the module docstring).
     voxel_labels : IntTensor, shape (X, Y, Z)
         Atlas label per voxel on the model grid (0 = background).
     patch_size : sequence of 3 or 4 int
@@ -264,8 +543,7 @@ def build_masker(strategy: Strategy, voxel_labels: torch.Tensor, patch_size: Seq
         (``random-region``) have no patch under ``rule``.
     """
     labels = None if labels is None else [int(v) for v in labels]
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    kind = strategy if isinstance(strategy, type) else strategy_class(strategy)
     if rule not in PATCH_RULES:
         raise ValueError(f"rule must be one of {PATCH_RULES}, got {rule!r}")
     if candidates not in CANDIDATES:
@@ -287,7 +565,6 @@ def build_masker(strategy: Strategy, voxel_labels: torch.Tensor, patch_size: Seq
     else:
         brain = vl > 0
     brain_map = apply_patch_rule(patch_fraction(brain, size[:3]), "any")
-    n_brain = int(brain_map.sum())
 
     present, fractions = label_patch_fractions(vl, size[:3])  # (L,), (L, D, H, W)
     held = apply_patch_rule(fractions, rule)  # (L, D, H, W)
@@ -297,66 +574,8 @@ def build_masker(strategy: Strategy, voxel_labels: torch.Tensor, patch_size: Seq
         label_patch_map = torch.where(apply_patch_rule(best_frac, rule), best_label, 0)
     else:
         label_patch_map = torch.zeros(grid[:3], dtype=torch.long, device=device)
-    held_labels = set(present[held.flatten(1).any(1)].tolist())
-
-    common: dict[str, Any] = dict(label_patch_map=label_patch_map, rule=rule,
-                                  brain_mask_given=brain_mask is not None)
-    no_regions = dict(region_labels=torch.zeros(0, dtype=torch.long, device=device),
-                      region_maps=torch.zeros((0, *grid[:3]), dtype=torch.bool, device=device))
-
-    if strategy == "random":
-        ratio = _check_fraction(ratio, "ratio")
-        cmap = torch.ones(grid[:3], dtype=torch.bool, device=device) if candidates == "all" else brain_map
-        n_cand = int(cmap.sum())
-        if n_cand == 0:
-            raise ValueError("candidates='brain' but the brain mask has no voxel: nothing can be masked")
-        return Masker("random", size, grid, region_patch_map=cmap, ratio=ratio, fraction=None,
-                      candidates=candidates, n_candidates=n_cand, n_brain_patches=n_brain, labels=[], empty_labels=[],
-                      **no_regions, **common)
-
-    if strategy == "region":
-        fraction = _check_fraction(fraction, "fraction")
-        if not labels:
-            raise ValueError("strategy 'region' needs labels: the atlas label indices of the "
-                             "region(s) to mask")
-        wanted = sorted({int(v) for v in labels})
-        empty = [v for v in wanted if v not in held_labels]
-        rmap = region_patches(vl, wanted, size[:3], rule)
-        if not bool(rmap.any()):
-            raise EmptyRegionError(
-                f"none of the selected labels {wanted} has a patch under the {rule!r} rule at patch size "
-                f"{size[:3]}: nothing to mask. Use a larger region, rule='any', or check that the "
-                f"atlas is on the model grid")
-        _warn_empty(empty, rule, size, "selected labels")
-        if empty:
-            in_union = torch.isin(vl, torch.as_tensor(empty, device=device)) \
-                & rmap.repeat_interleave(size[0], 0).repeat_interleave(size[1], 1) \
-                .repeat_interleave(size[2], 2)
-            never = sorted(set(empty) - set(vl[in_union].unique().tolist()))
-            if never:
-                logger.warning("labels %s have no voxel in the masked patches of the selection: "
-                               "they are never masked", never)
-        return Masker("region", size, grid, region_patch_map=rmap, ratio=None, fraction=fraction,
-                      candidates=None, n_candidates=int(rmap.sum()), n_brain_patches=n_brain,
-                      labels=wanted, empty_labels=empty,
-                      **no_regions, **common)
-
-    # random-region
-    ratio = _check_fraction(ratio, "ratio")
-    pool = sorted({int(v) for v in labels} - {0}) if labels is not None else present.tolist()
-    if not pool:
-        raise ValueError("strategy 'random-region' got an empty labels pool")
-    keep = [v for v in pool if v in held_labels]
-    empty = [v for v in pool if v not in held_labels]
-    if not keep:
-        raise EmptyRegionError(f"no region of the pool {pool} has a patch under the {rule!r} rule at patch "
-                               f"size {size[:3]}: nothing to mask")
-    _warn_empty(empty, rule, size, "regions (never drawn by random-region)")
-    region_labels = torch.as_tensor(keep, dtype=torch.long, device=device)
-    idx = torch.searchsorted(present, region_labels)
-    region_maps = held[idx]
-    union = region_maps.any(0)
-    return Masker("random-region", size, grid, region_patch_map=union, ratio=ratio, fraction=None,
-                  candidates=None, n_candidates=int(union.sum()), n_brain_patches=n_brain, labels=keep,
-                  empty_labels=empty,
-                  region_labels=region_labels, region_maps=region_maps, **common)
+    ctx = PatchContext(size=size, grid=grid, voxel_labels=vl, brain_map=brain_map, present=present, held=held,
+                       held_labels=set(present[held.flatten(1).any(1)].tolist()), device=device, rule=rule,
+                       common=dict(label_patch_map=label_patch_map, rule=rule, n_brain_patches=int(brain_map.sum()),
+                                   brain_mask_given=brain_mask is not None))
+    return kind.build(ctx, labels=labels, ratio=ratio, fraction=fraction, candidates=candidates)

@@ -15,8 +15,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-PatchRule = Literal["any", "majority", "all"]
-PATCH_RULES: tuple[str, ...] = ("any", "majority", "all")
+from bids_regionmae.choices import PATCH_RULES
+
+PatchRule = Literal[PATCH_RULES]
 
 
 def patch_fraction(voxel_mask: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:

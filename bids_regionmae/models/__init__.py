@@ -10,7 +10,9 @@ Pure PyTorch (no neuroimaging libraries). Typical use::
     used = resolve_backend("auto", torch.device("cpu"))  # "torch"
 
 See :mod:`.registry` for the variants, :mod:`.mamba` for the backends,
-:mod:`.heads` for fine-tuning and :mod:`.checkpoint` for saving/loading.
+:mod:`.heads` for fine-tuning, :mod:`.checkpoint` for the weights format and
+:mod:`.model_dir` for model directories (``ModelDir.save``/``ModelDir.open``,
+the only code that writes or reads ``output_dir/models/<name>/``).
 """
 
 from bids_regionmae.models.checkpoint import (

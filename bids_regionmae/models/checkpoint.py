@@ -1,15 +1,17 @@
 """Saving and loading models in a safe format; importing NeuroSTORM checkpoints.
 
-Format (``format_version`` 1): a directory (or a path ending in
-``.safetensors``) holding
+Format (``format_version`` 2; version 1 had no typed sections): a directory
+(or a path ending in ``.safetensors``) holding
 
 - ``model.safetensors``: the state dict (no executable content; safe to load from
   untrusted sources), with the JSON metadata also embedded in its header so
   that a lone weights file describes itself;
 - ``model.json``: ``kind`` (``mae``/``encoder``/``finetune``), the
   :class:`~bids_regionmae.models.spec.ModelSpec`, the model's constructor
-  arguments, package versions, the sha256 of the weights file and the
-  caller's ``extra`` dictionary (training config, metrics, ...).
+  arguments, package versions, the sha256 of the weights file, the
+  caller's ``extra`` dictionary (training config, metrics, ...) and, for a
+  model directory, the typed sections of
+  :class:`bids_regionmae.models.model_dir.ModelDir` (which owns those).
 
 Both files are written to temporary names and renamed into place (weights
 first, JSON last), so a killed job never leaves a truncated file, and the
@@ -49,7 +51,7 @@ from bids_regionmae.models.spec import ModelSpec, SpecError
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "bids_regionmae.model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "model.json"
 _ANCHOR_KEY = "patch_embed.fc.weight"
@@ -133,7 +135,7 @@ def _check_json(extra: dict[str, Any]) -> None:
 
 
 def save_model(directory_or_path: str | os.PathLike, model: nn.Module, spec: ModelSpec | None = None,
-               extra: dict[str, Any] | None = None) -> Path:
+               extra: dict[str, Any] | None = None, *, record: dict[str, Any] | None = None) -> Path:
     """Save ``model`` atomically as safetensors weights + JSON metadata.
 
     Parameters
@@ -148,6 +150,9 @@ def save_model(directory_or_path: str | os.PathLike, model: nn.Module, spec: Mod
     extra : dict, optional
         JSON-serialisable information stored with the model (returned by
         :func:`load_model`), e.g. the run configuration and metrics.
+    record : dict, optional
+        Top-level JSON sections added to the metadata (the typed record of a
+        model directory; see :mod:`bids_regionmae.models.model_dir`).
 
     Returns
     -------
@@ -174,6 +179,7 @@ def save_model(directory_or_path: str | os.PathLike, model: nn.Module, spec: Mod
                         f"{spec.to_dict()} != {model_spec.to_dict()}")
     extra = dict(extra or {})
     _check_json(extra)
+    _check_json(dict(record or {}))
     weights_path, meta_path = _paths(directory_or_path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     meta: dict[str, Any] = {
@@ -186,6 +192,7 @@ def save_model(directory_or_path: str | os.PathLike, model: nn.Module, spec: Mod
         "versions": _versions(),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "extra": extra,
+        **dict(record or {}),
     }
     try:
         weights_path.parent.mkdir(parents=True, exist_ok=True)

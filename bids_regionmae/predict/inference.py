@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from bids_regionmae.train.data import ClipDataset
 
 __all__ = ["autocast_factory", "iter_run_batches", "progress"]
 
@@ -41,7 +44,7 @@ def progress(total: int, desc: str, enabled: bool = True) -> Any:
     return tqdm(total=total, desc=desc, unit="clip", leave=False, disable=not enabled or not sys.stderr.isatty())
 
 
-def iter_run_batches(dataset: Any, batch_size: int, device: torch.device | str
+def iter_run_batches(dataset: ClipDataset, batch_size: int, device: torch.device | str
                      ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
     """Batches of the clips of a :class:`~bids_regionmae.train.data.ClipDataset`, in order.
 

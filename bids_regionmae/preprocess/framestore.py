@@ -1,4 +1,4 @@
-"""Model-grid frames between the passes of a run, in float16 on disk.
+"""Model-grid frames between the passes of a run, in float16 on disk, and the output frames read back.
 
 A run is read once; its resampled frames must wait until the run's global
 mean and standard deviation are known. Holding them in memory as float32
@@ -19,16 +19,23 @@ resident memory.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from bids_regionmae.grid import MODEL_SHAPE
 
+if TYPE_CHECKING:
+    from bids_regionmae.preprocess.resample import TimePlan
+
 #: Largest stored magnitude (float16 max is 65504).
 FLOAT16_LIMIT = 65000.0
-_N_VOXELS = int(np.prod(MODEL_SHAPE))
+N_VOXELS = int(np.prod(MODEL_SHAPE))
+#: Model-grid frames per chunk in the passes after reading (14 MB in float32).
+OUT_CHUNK = 4
 
 
 class DeltaCodec:
@@ -105,7 +112,7 @@ class Float16FrameStore:
     def __init__(self, path: Path, n_frames: int, npy_shape: tuple[int, ...] | None = None):
         self.path = Path(path)
         self.n_frames = n_frames
-        self.row_bytes = _N_VOXELS * 2
+        self.row_bytes = N_VOXELS * 2
         self.file = open(self.path, "w+b")  # noqa: SIM115 - closed in close()
         if npy_shape is not None:
             np.lib.format.write_array_header_1_0(
@@ -121,7 +128,7 @@ class Float16FrameStore:
     def read(self, k0: int, k1: int, out: np.ndarray | None = None) -> np.ndarray:
         """Rows k0:k1, shape (k1 - k0, V), float16 (into ``out`` when given)."""
         if out is None:
-            out = np.empty((k1 - k0, _N_VOXELS), np.float16)
+            out = np.empty((k1 - k0, N_VOXELS), np.float16)
         self.file.seek(self.offset + k0 * self.row_bytes)
         if self.file.readinto(memoryview(out).cast("B")) != out.nbytes:
             raise OSError(f"{self.path}: short read")
@@ -137,3 +144,39 @@ class Float16FrameStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def output_frames(store: Float16FrameStore, plan: TimePlan,
+                  chunk: int = OUT_CHUNK) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(m0, deviations)``: the output frames as stored (scaled deviations), (n, V) float32.
+
+    With time resampling each output frame is ``(1 - w) * a + w * b`` of two
+    stored frames (linear, so it commutes with the scaling); NaN markers
+    propagate where ``w > 0``. The yielded array is reused: use it before
+    asking for the next chunk.
+    """
+    n_out = len(plan)
+    raw = np.empty(0, np.float16)
+    wide = np.empty(0, np.float32)
+    interpolated = np.empty((chunk, N_VOXELS), np.float32)
+    for m0 in range(0, n_out, chunk):
+        m1 = min(n_out, m0 + chunk)
+        lo, hi = int(plan.index0[m0:m1].min()), int(plan.index1[m0:m1].max()) + 1
+        size = (hi - lo) * N_VOXELS
+        if raw.size < size:  # buffers are reused: fresh large arrays cost page faults
+            raw, wide = np.empty(size, np.float16), np.empty(size, np.float32)
+        source = DeltaCodec.widen(store.read(lo, hi, out=raw[:size].reshape(hi - lo, -1)),
+                                  out=wide[:size].reshape(hi - lo, -1))
+        if plan.identity:
+            yield m0, source
+            continue
+        out = interpolated[:m1 - m0]
+        for m in range(m0, m1):
+            a = source[plan.index0[m] - lo]
+            w = float(plan.weight1[m])
+            if w == 0.0:
+                out[m - m0] = a
+            else:
+                np.multiply(a, np.float32(1.0 - w), out=out[m - m0])
+                out[m - m0] += np.float32(w) * source[plan.index1[m] - lo]
+        yield m0, out

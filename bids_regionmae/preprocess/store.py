@@ -12,7 +12,11 @@ Per run, participant level writes (``<prefix>`` = the run's entities +
     <prefix>_desc-modelready_qc.json       quality control
 
 The pretraining and prediction code reads runs only through
-:func:`find_model_ready_runs` and :class:`ModelReadyRun`.
+:func:`find_model_ready_runs` and :class:`ModelReadyRun`; the files are named
+by :func:`model_ready_paths` and the model-grid images, the clip index and the
+sidecar written by :func:`save_model_grid_image`, :func:`write_brain_mask`,
+:func:`write_clip_index` and :func:`write_sidecar` (participant level and the
+test stores of :mod:`bids_regionmae.testing` both use them).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from bids_regionmae.grid import MODEL_RES, MODEL_SHAPE, MODEL_SPACE
+from bids_regionmae.atomic import atomic_path, atomic_write_json, atomic_write_text
+from bids_regionmae.grid import MODEL_AFFINE, MODEL_RES, MODEL_SHAPE, MODEL_SPACE
 from bids_regionmae.outputs.derivatives import build_output_path
 
 LOGGER = logging.getLogger(__name__)
@@ -49,6 +54,8 @@ OUTPUT_FILES: dict[str, tuple[str, str, str]] = {
     "qc": ("modelready", "qc", ".json"),
 }
 _SIDECAR_GLOBS = ("sub-*/func/*_desc-modelready_bold.json", "sub-*/ses-*/func/*_desc-modelready_bold.json")
+#: ``Resolution`` of the model-grid images' sidecars.
+RESOLUTION = {MODEL_RES: "2 mm isotropic MNI152NLin6Asym grid cropped/padded to 96x96x96 (NeuroSTORM input grid)"}
 
 
 def model_ready_paths(entities: dict[str, str], output_dir: str | Path) -> dict[str, Path]:
@@ -69,6 +76,44 @@ def model_ready_paths(entities: dict[str, str], output_dir: str | Path) -> dict[
     base = {**entities, "space": MODEL_SPACE, "resolution": MODEL_RES}
     return {name: build_output_path({**base, "desc": desc, "suffix": suffix, "extension": ext}, output_dir)
             for name, (desc, suffix, ext) in OUTPUT_FILES.items()}
+
+
+def save_model_grid_image(data: np.ndarray, path: Path, tr: float | None = None) -> Path:
+    """Write a 3-D or 4-D array on the 96^3 model grid as NIfTI (MNI sform/qform; ``tr`` for 4-D), atomically."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(data, MODEL_AFFINE)
+    img.header.set_sform(MODEL_AFFINE, code=4)  # NIFTI_XFORM_MNI_152
+    img.header.set_qform(MODEL_AFFINE, code=4)
+    img.header.set_xyzt_units("mm", "sec")
+    if tr is not None:
+        zooms = list(img.header.get_zooms())
+        zooms[3] = tr
+        img.header.set_zooms(zooms)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return path
+
+
+def write_brain_mask(paths: dict[str, Path], mask: np.ndarray) -> None:
+    """The run's brain mask on the model grid (uint8 NIfTI) and its BIDS sidecar."""
+    save_model_grid_image(mask.astype(np.uint8), paths["mask"])
+    atomic_write_json(paths["mask_json"], {
+        "Type": "Brain", "Resolution": RESOLUTION,
+        "Description": "Brain mask of the run resampled onto the model grid (trilinear, > 0.5)."})
+
+
+def write_clip_index(path: Path, n_frames: int, length: int, stride: int, times: np.ndarray) -> int:
+    """The clip index (``clip``, ``onset_frame``, ``n_frames``, ``onset_seconds``); returns the number of clips."""
+    starts = list(range(0, n_frames - length + 1, stride))
+    atomic_write_text(path, "clip\tonset_frame\tn_frames\tonset_seconds\n" + "".join(
+        f"{i}\t{s}\t{length}\t{float(times[s]):.6g}\n" for i, s in enumerate(starts)))
+    return len(starts)
+
+
+def write_sidecar(path: Path, record: dict[str, Any]) -> Path:
+    """The run's sidecar, with the store format and ``complete``: write it last, it marks the run complete."""
+    return atomic_write_json(path, {"format": FORMAT, "format_version": FORMAT_VERSION, "complete": True, **record})
 
 
 @dataclass
@@ -147,6 +192,15 @@ class ModelReadyRun:
             rows = list(csv.DictReader(f, delimiter="\t"))
         return [(int(r["onset_frame"]), int(r["onset_frame"]) + int(r["n_frames"])) for r in rows]
 
+    def mean_image(self, max_frames: int = 50) -> np.ndarray:
+        """Mean image, shape (96, 96, 96) float32: the mean BOLD reference, else the mean of the first frames."""
+        path = self.paths.get("mean")
+        if path is not None and Path(path).is_file():
+            import nibabel as nib
+
+            return np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+        return np.asarray(self.data[: min(self.n_frames, max_frames)], dtype=np.float32).mean(0)
+
     def clip(self, index: int) -> np.ndarray:
         """One clip, shape (clip_length, 96, 96, 96), float16 (a view of the memory map)."""
         start, stop = self.clips[index]
@@ -219,3 +273,48 @@ def find_model_ready_runs(output_dir: str | Path, subjects: list[str] | None = N
         except (ValueError, KeyError, TypeError) as exc:
             LOGGER.debug("skipping %s: %s", sidecar, exc)
     return runs
+
+
+def data_manifest(runs: list[ModelReadyRun], output_dir: str | Path, split: dict[str, str],
+                  clips_per_run: dict[str, int]) -> list[dict[str, Any]]:
+    """One row per run for a model's data manifest: entities, split, sidecar checksum, sources.
+
+    Parameters
+    ----------
+    runs : list of ModelReadyRun
+    output_dir : path
+        Sidecar paths are written relative to it.
+    split : dict of str to str
+        Participant -> ``train`` / ``validation`` (others: ``unused``).
+    clips_per_run : dict of str to int
+        Clips of each run the model saw.
+
+    Returns
+    -------
+    list of dict
+    """
+    from bids_regionmae.atomic import sha256_file
+
+    output_dir = Path(output_dir)
+    rows = []
+    for run in runs:
+        meta = run.meta
+        sources = {k: {kk: v.get(kk) for kk in ("path", "sha256", "size")}
+                   for k, v in (meta.get("sources") or {}).items() if isinstance(v, dict)}
+        sidecar = Path(run.sidecar)
+        rows.append({
+            "run_id": run.run_id,
+            "subject": run.subject,
+            "entities": run.entities,
+            "split": split.get(run.subject, "unused"),
+            "sidecar": str(sidecar.relative_to(output_dir)) if sidecar.is_relative_to(output_dir) else str(sidecar),
+            "sidecar_sha256": sha256_file(sidecar),
+            "data": str(Path(run.paths["data"]).name),
+            "data_size": Path(run.paths["data"]).stat().st_size,
+            "frames": run.n_frames,
+            "clips_used": clips_per_run.get(run.run_id, 0),
+            "repetition_time": meta.get("repetition_time"),
+            "inputs_fingerprint": meta.get("inputs_fingerprint"),
+            "sources": sources,
+        })
+    return rows

@@ -1,36 +1,80 @@
-"""A small, dependency-free HTML report builder (one self-contained page per report)."""
+"""The one HTML report builder: jinja2 templates, one stylesheet, one self-contained page per report.
+
+A page is a title and a list of blocks (headings, paragraphs, tables,
+figure links, inline SVG figures, links, trusted markup); each block is a
+macro of ``templates/blocks.html`` and the page is ``templates/page.html``
+with ``templates/report.css`` inlined. Text is escaped by jinja2's
+autoescaping; only :meth:`HtmlReport.raw` and cells passed as
+:class:`markupsafe.Markup` go in as markup. Every report of the app
+(participant, group, pretraining, fine-tuning, evaluation, comparison) is
+built with :class:`HtmlReport`; a report that cannot be written is logged,
+never raised.
+
+New kinds of blocks go into ``templates/blocks.html`` with a method here.
+"""
 
 from __future__ import annotations
 
-import html
+import io
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
+from functools import cache
 from pathlib import Path
 from typing import Any
+
+import jinja2
+import numpy as np
+from markupsafe import Markup
 
 from bids_regionmae import __version__
 from bids_regionmae.atomic import atomic_write_text
 
 LOGGER = logging.getLogger(__name__)
 
-STYLE = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;
-color:#222;line-height:1.45}
-h1{border-bottom:2px solid #2b6cb0;padding-bottom:.2em}h2{color:#2b6cb0;margin-top:1.6em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
-th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}th{background:#edf2f7}
-td:first-child,th:first-child{text-align:left}
-.warn{background:#fffbea;border-left:4px solid #d69e2e;padding:.4em .8em}
-.err{background:#fff5f5;border-left:4px solid #c53030;padding:.4em .8em}
-figure{margin:1em 0}figcaption{font-size:.9em;color:#555}img{max-width:100%}
-footer{margin-top:3em;font-size:.85em;color:#666}
-code{background:#f4f4f4;padding:0 .2em}
-"""
+__all__ = ["HtmlReport", "Markup", "format_number", "svg_markup"]
+
+
+def format_number(value: Any, digits: int = 4) -> str:
+    """A value for report text: ``n/a`` for None and non-finite numbers, floats with ``digits`` significant digits."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, (float, np.floating)):
+        return "n/a" if not math.isfinite(value) else f"{value:.{digits}g}"
+    return str(value)
+
+
+@cache
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.PackageLoader("bids_regionmae.reports", "templates"),
+                              autoescape=jinja2.select_autoescape(["html"]), trim_blocks=False,
+                              undefined=jinja2.StrictUndefined)
+
+
+def _blocks() -> Any:
+    return _environment().get_template("blocks.html").module
+
+
+def svg_markup(draw: Callable[[Any], None], figsize: tuple[float, float]) -> Markup:
+    """Run ``draw(fig)`` on a fresh matplotlib Figure (object API, no pyplot state) and return inline SVG."""
+    import matplotlib
+    from matplotlib.backends.backend_svg import FigureCanvasSVG
+    from matplotlib.figure import Figure
+
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "regionmae", "font.size": 9}):
+        fig = Figure(figsize=figsize, layout="constrained")
+        FigureCanvasSVG(fig)
+        draw(fig)
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg", metadata={"Date": None})
+    text = buf.getvalue()
+    start = text.find("<svg")
+    return Markup(text[start:] if start >= 0 else text)
 
 
 class HtmlReport:
-    """Collects sections, tables and figures, then writes one HTML page atomically.
+    """Collects blocks, then writes one HTML page atomically.
 
     Parameters
     ----------
@@ -43,90 +87,76 @@ class HtmlReport:
     def __init__(self, title: str, path: str | Path) -> None:
         self.title = title
         self.path = Path(path)
-        self.parts: list[str] = []
+        self.blocks: list[Markup] = []
 
-    def heading(self, text: str) -> None:
-        """Start a new section."""
-        self.parts.append(f"<h2>{html.escape(text)}</h2>")
+    def _add(self, macro: str, *args: Any, **kwargs: Any) -> None:
+        self.blocks.append(Markup(getattr(_blocks(), macro)(*args, **kwargs)))
+
+    def heading(self, text: str, level: int = 2) -> None:
+        """Start a new section (``level`` 3 for a subsection)."""
+        self._add("heading", text, level)
 
     def paragraph(self, text: str, kind: str | None = None) -> None:
-        """Add escaped text; ``kind`` is ``None``, ``"warn"`` or ``"err"`` for a highlighted box."""
-        cls = f' class="{kind}"' if kind else ""
-        self.parts.append(f"<p{cls}>{html.escape(text)}</p>")
+        """Add text; ``kind`` is ``None``, ``"warn"``, ``"err"`` (highlighted boxes) or ``"note"`` (small print)."""
+        self._add("paragraph", text, kind)
 
     def raw(self, markup: str) -> None:
-        """Add trusted HTML markup."""
-        self.parts.append(markup)
+        """Add trusted HTML markup (e.g. the methods text)."""
+        self.blocks.append(Markup(markup))
+
+    def link(self, text: str, target: str | Path, label: str) -> None:
+        """A paragraph ``text`` followed by a link to ``target`` (a file; made relative to the page)."""
+        self._add("link", text, os.path.relpath(Path(target), self.path.parent), label)
 
     def table(self, rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,
               floatfmt: str = "{:.4g}") -> None:
-        """Add a table of dict rows (missing cells are blank)."""
+        """Add a table of dict rows (missing cells are blank, floats formatted with ``floatfmt``)."""
         if not rows:
             self.paragraph("(no rows)")
             return
         columns = list(columns or rows[0].keys())
-        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
-        body = []
-        for row in rows:
-            cells = []
-            for column in columns:
-                value = row.get(column, "")
-                if isinstance(value, float):
-                    value = floatfmt.format(value)
-                cells.append(f"<td>{html.escape(str(value))}</td>")
-            body.append("<tr>" + "".join(cells) + "</tr>")
-        self.parts.append(f"<table><tr>{head}</tr>{''.join(body)}</table>")
+        cells = [[floatfmt.format(v) if isinstance(v, float) else str(v)
+                  for v in (row.get(c, "") for c in columns)] for row in rows]
+        self._add("table", [str(c) for c in columns], cells)
+
+    def cells(self, header: Sequence[str], rows: Sequence[Sequence[str | Markup]],
+              row_classes: Sequence[str] | None = None) -> None:
+        """Add a table of formatted cells (text is escaped, :class:`Markup` cells are kept); optional row classes."""
+        self._add("table", list(header), [list(r) for r in rows], list(row_classes) if row_classes else None)
 
     def figure(self, figure_path: str | Path | None, caption: str = "") -> None:
         """Link a figure file (skipped with a note if it could not be made)."""
         if figure_path is None or not Path(figure_path).exists():
             self.paragraph(f"Figure not available: {caption}", kind="warn")
             return
-        rel = os.path.relpath(Path(figure_path), self.path.parent)
-        self.parts.append(f'<figure><img src="{html.escape(rel)}" alt="{html.escape(caption)}">'
-                          f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        self._add("figure", os.path.relpath(Path(figure_path), self.path.parent), caption)
+
+    def svg_figure(self, title: str, draw: Callable[[Any], None], figsize: tuple[float, float]) -> None:
+        """Draw a figure inline as SVG under a small heading; a failure is a warning in the page, never raised."""
+        try:
+            svg = svg_markup(draw, figsize)
+        except Exception as exc:  # noqa: BLE001 - a broken figure never breaks the report
+            LOGGER.warning("figure %r could not be drawn: %s: %s", title, type(exc).__name__, exc)
+            self.heading(title, 3)
+            self.paragraph(f"Figure “{title}” could not be drawn: {exc}", kind="warn")
+            return
+        self._add("svg_figure", title, svg)
 
     def render(self) -> str:
         """The page as text."""
-        return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(self.title)}"
-                f"</title><style>{STYLE}</style></head><body><h1>{html.escape(self.title)}</h1>"
-                + "\n".join(self.parts)
-                + f"<footer>Generated by regionmae {__version__}.</footer></body></html>\n")
+        css = _environment().loader.get_source(_environment(), "report.css")[0]  # type: ignore[union-attr]
+        page = _environment().get_template("page.html")
+        return page.render(title=self.title, css=Markup(css), blocks=self.blocks, version=__version__) + "\n"
 
-    def write(self) -> Path | None:
-        """Write the page; a failure is logged, never raised."""
+    def write(self, strict: bool = False) -> Path | None:
+        """Write the page; a failure is logged and None returned (``strict``: an ``OSError`` is raised)."""
         try:
             return atomic_write_text(self.path, self.render())
+        except OSError:
+            if strict:
+                raise
+            LOGGER.warning("could not write report %s", self.path, exc_info=True)
+            return None
         except Exception as exc:  # noqa: BLE001 - a report never fails a run
             LOGGER.warning("could not write report %s: %s", self.path, exc)
             return None
-
-
-def safe_figure(path: str | Path, draw: Callable[..., Any], *args: Any, **kwargs: Any) -> Path | None:
-    """Draw a matplotlib figure with ``draw(fig, *args, **kwargs)`` and save it to ``path``.
-
-    The format follows the extension (``.svg`` or ``.png``). Any exception is
-    logged and ``None`` returned: a failed figure never fails the run.
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
-
-        fig = plt.figure(figsize=kwargs.pop("figsize", (8, 4)))
-        try:
-            draw(fig, *args, **kwargs)
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            from bids_regionmae.atomic import atomic_path
-
-            with atomic_path(path) as tmp:
-                fig.savefig(tmp, format=path.suffix.lstrip("."), bbox_inches="tight", dpi=110)
-        finally:
-            plt.close(fig)
-        return path
-    except Exception as exc:  # noqa: BLE001 - a figure never fails a run
-        LOGGER.warning("could not draw figure %s: %s", path, exc)
-        return None
-

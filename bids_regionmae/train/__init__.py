@@ -6,7 +6,6 @@
 - :mod:`.data`: :class:`~.data.ClipDataset` over the model-ready store (memory maps,
   integer downsampling to the model grid) and :func:`~.data.split_participants`.
 - :mod:`.pretrain`: the pretraining step/evaluation functions and :func:`~.pretrain.pretrain`.
-- :mod:`.testing`: synthetic model-ready stores for tests and benchmarks.
 
 Nothing is imported here, so ``import bids_regionmae.train`` stays cheap.
 """

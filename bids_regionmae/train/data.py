@@ -25,116 +25,16 @@ import torch
 from torch.utils.data import Dataset
 
 from bids_regionmae.errors import UsageError
+from bids_regionmae.grid import downsample_factors, downsample_mask
 
 LOGGER = logging.getLogger(__name__)
 
 __all__ = [
     "ClipDataset",
     "ClipRef",
-    "downsample_factors",
-    "downsample_labels",
-    "downsample_mask",
-    "downsample_volume",
     "run_clips",
     "split_participants",
 ]
-
-
-# --------------------------------------------------------------------------- grids
-
-
-def downsample_factors(source: Sequence[int], target: Sequence[int]) -> tuple[int, int, int]:
-    """Integer pooling factor per axis from the store grid to the model grid.
-
-    Parameters
-    ----------
-    source : sequence of 3 int
-        Store grid, ``(96, 96, 96)``.
-    target : sequence of 3 int
-        Model grid ``(X, Y, Z)`` (``spec.img_size[:3]``).
-
-    Returns
-    -------
-    tuple of 3 int
-
-    Raises
-    ------
-    UsageError
-        A target axis is larger than the source or does not divide it.
-    """
-    factors = []
-    for axis, (n, m) in enumerate(zip(source, target, strict=True)):
-        if m <= 0 or m > n or n % m:
-            raise UsageError(f"the model expects a {tuple(target)} grid but the model-ready data are "
-                             f"{tuple(source)}: axis {axis} ({n} -> {m}) is not an integer downsampling factor. "
-                             f"Pick a model variant whose img_size divides {tuple(source)} (e.g. 96 or 48).")
-        factors.append(n // m)
-    return factors[0], factors[1], factors[2]
-
-
-def downsample_volume(x: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
-    """Average-pool the last three axes by integer ``factors``.
-
-    Parameters
-    ----------
-    x : Tensor, shape (..., X, Y, Z)
-    factors : sequence of 3 int
-
-    Returns
-    -------
-    Tensor, shape (..., X/fx, Y/fy, Z/fz), float32
-    """
-    fx, fy, fz = (int(f) for f in factors)
-    x = x.float()
-    if (fx, fy, fz) == (1, 1, 1):
-        return x
-    *lead, X, Y, Z = x.shape
-    return x.reshape(*lead, X // fx, fx, Y // fy, fy, Z // fz, fz).mean(dim=(-5, -3, -1))
-
-
-def downsample_mask(mask: np.ndarray | torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
-    """Pool a brain mask: a block is brain when more than half of its voxels are.
-
-    Parameters
-    ----------
-    mask : array, shape (X, Y, Z)
-    factors : sequence of 3 int
-
-    Returns
-    -------
-    BoolTensor, shape (X/fx, Y/fy, Z/fz)
-    """
-    m = torch.as_tensor(np.asarray(mask), dtype=torch.float32)
-    return downsample_volume(m, factors) > 0.5
-
-
-def downsample_labels(labels: np.ndarray | torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
-    """Pool a label map by the most frequent label of each block.
-
-    Ties are broken towards a non-zero (brain) label, then towards the first
-    voxel of the block in C order.
-
-    Parameters
-    ----------
-    labels : integer array, shape (X, Y, Z)
-    factors : sequence of 3 int
-
-    Returns
-    -------
-    LongTensor, shape (X/fx, Y/fy, Z/fz)
-    """
-    lab = torch.as_tensor(np.asarray(labels)).long()
-    fx, fy, fz = (int(f) for f in factors)
-    if (fx, fy, fz) == (1, 1, 1):
-        return lab
-    X, Y, Z = lab.shape
-    blocks = lab.reshape(X // fx, fx, Y // fy, fy, Z // fz, fz).permute(0, 2, 4, 1, 3, 5)
-    blocks = blocks.reshape(X // fx, Y // fy, Z // fz, fx * fy * fz)
-    # counts[..., i] = how many voxels of the block share voxel i's label
-    counts = (blocks[..., :, None] == blocks[..., None, :]).sum(-1)
-    score = counts * 2 + (blocks != 0).long()
-    best = score.argmax(-1, keepdim=True)
-    return blocks.gather(-1, best)[..., 0]
 
 
 # --------------------------------------------------------------------------- clips and split

@@ -250,7 +250,8 @@ def cleanup_distributed(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
-def _barrier(info: DistInfo) -> None:
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank (no-op in a single-process job); nccl waits on this rank's GPU."""
     if info.distributed and dist.is_initialized():
         if info.backend == "nccl":
             dist.barrier(device_ids=[info.local_rank])
@@ -1117,7 +1118,7 @@ class Trainer:
             if writer is not None:
                 writer.close()
             del iterator, loader
-        _barrier(info)
+        barrier(info)
         return TrainResult(history=self.history, val_history=self.val_history, total_steps=self.total_steps,
                            steps_per_epoch=self.steps_per_epoch, start_step=self.start_step,
                            stopped_early=self.stopped_early, precision=self.precision,
@@ -1138,7 +1139,7 @@ class Trainer:
             return
         if self.step and saved_step != self.step:
             self.save_checkpoint()
-        _barrier(self.info)  # no rank leaves before rank 0 has written
+        barrier(self.info)  # no rank leaves before rank 0 has written
         name = signal.Signals(signum).name
         where = self.checkpoint_path if self.step else None
         message = (f"training stopped by {name} after step {self.step}/{self.total_steps}"

@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +68,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from bids_regionmae.masking import Masker, apply_voxel_mask, masked_mse, per_region_mse
+from bids_regionmae.masking import Masker, MaskingPlan, apply_voxel_mask, masked_mse, per_region_mse
 from bids_regionmae.train.engine import (
     STREAM_EVAL,
     DistInfo,
@@ -90,10 +89,10 @@ __all__ = [
     "evaluate_regions",
     "make_eval_fn",
     "make_step_fn",
-    "model_dir_name",
     "pretrain",
     "reconstruction_example",
     "sample_masks",
+    "summarize_training",
 ]
 
 
@@ -125,46 +124,12 @@ class MaskingSetup:
     norm_patch: bool = False
     background: float = 0.0
 
-
-def model_dir_name(strategy: str, regions: Sequence[str], variant: str, seed: int, *, ratio: float = 0.5,
-                   fraction: float = 1.0, level: str = "token") -> str:
-    """Name of the model directory under ``output_dir/models/``.
-
-    Pattern: ``pretrain_<masking>_<variant>_seed-<seed>`` where ``<masking>`` is
-
-    - ``region-<regions>`` for ``region`` (selections joined by ``+``,
-      lower case, characters other than letters, digits, ``+`` and ``-``
-      dropped), with ``-frac<percent>`` when ``fraction < 1``;
-    - ``random-ratio<percent>`` for ``random``;
-    - ``randomregion-ratio<percent>`` for ``random-region``;
-
-    and ``-voxel`` is appended for voxel-level masking.
-
-    Examples
-    --------
-    >>> model_dir_name("region", ["cerebellum"], "tiny", 0)
-    'pretrain_region-cerebellum_tiny_seed-0'
-    >>> model_dir_name("region", ["cerebellum+frontal"], "neurostorm", 3, fraction=0.5)
-    'pretrain_region-cerebellum+frontal-frac50_neurostorm_seed-3'
-    >>> model_dir_name("random", [], "tiny", 0, ratio=0.5)
-    'pretrain_random-ratio50_tiny_seed-0'
-    """
-    def pct(value: float) -> str:
-        return f"{value * 100:g}".replace(".", "p")
-
-    if strategy == "region":
-        joined = "+".join(r for r in regions if r) or "none"
-        masking = "region-" + re.sub(r"[^a-z0-9+\-]", "", joined.lower().replace(",", "+").replace("_", "-"))
-        if fraction < 1.0:
-            masking += f"-frac{pct(fraction)}"
-    elif strategy == "random":
-        masking = f"random-ratio{pct(ratio)}"
-    else:
-        masking = f"randomregion-ratio{pct(ratio)}"
-    if level == "voxel":
-        masking += "-voxel"
-    variant = re.sub(r"[^A-Za-z0-9\-]", "", variant)
-    return f"pretrain_{masking}_{variant}_seed-{int(seed)}"
+    @classmethod
+    def from_plan(cls, plan: MaskingPlan, masker: Masker, background: float = 0.0) -> MaskingSetup:
+        """The setup of a masking plan, with the masker built from it on the model grid."""
+        return cls(masker=masker, patch_size=tuple(masker.patch_size), level=plan.level,
+                   include_background=plan.include_background, norm_patch=plan.norm_patch_loss,
+                   background=background)
 
 
 def _forward(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, setup: MaskingSetup) -> torch.Tensor:
@@ -405,3 +370,80 @@ def pretrain(model: nn.Module, train_set: Dataset, val_set: Dataset | None, setu
                       dist_info=dist_info, fingerprint=fingerprint, extra_state=extra_state)
     result = trainer.fit()
     return trainer, result
+
+
+def summarize_training(result: TrainResult, wall: float, *, dist_info: DistInfo, precision: str, backend: str,
+                       variant: str, img_size: Sequence[int], n_train: int, n_val: int) -> dict[str, Any]:
+    """JSON summary of a pretraining run (``training_summary.json``).
+
+    Returns
+    -------
+    dict
+        ``steps``, ``epochs``, first/final training loss, final validation
+        loss, median clips/s, wall and training time, clip counts, world
+        size, device, precision, backend, variant and input size.
+    """
+    import numpy as np
+
+    history = result.history
+    rates = [r["clips_per_s"] for r in history[1:]] or [r["clips_per_s"] for r in history]
+    last_val = result.val_history[-1] if result.val_history else {}
+    return {
+        "steps": result.total_steps,
+        "steps_per_epoch": result.steps_per_epoch,
+        "epochs": (history[-1]["epoch"] + 1) if history else 0,
+        "resumed_from_step": result.start_step,
+        "stopped_early": result.stopped_early,
+        "final_train_loss": history[-1]["loss"] if history else None,
+        "first_train_loss": history[0]["loss"] if history else None,
+        "final_val_loss": last_val.get("val_loss"),
+        "clips_per_s_median": float(np.median(rates)) if rates else None,
+        "wall_time_s_this_invocation": round(wall, 3),
+        "train_time_s_total": history[-1]["elapsed_s"] if history else None,
+        "n_train_clips": n_train,
+        "n_val_clips": n_val,
+        "world_size": dist_info.world_size,
+        "device": str(dist_info.device),
+        "precision": precision,
+        "backend": backend,
+        "variant": variant,
+        "img_size": list(img_size),
+    }
+
+
+def final_region_errors(trainer: Trainer, eval_set: Dataset, setup: MaskingSetup, voxel_labels: torch.Tensor,
+                        groups: Mapping[str, Sequence[int]], *, seed: int,
+                        max_clips: int = 64) -> tuple[dict[str, Any], dict[int, Any], dict[str, Any] | None]:
+    """Masked-voxel MSE per group and per atlas label after training, and a reconstruction example.
+
+    Failures are logged (the evaluation is for the report and must not fail a finished training).
+
+    Returns
+    -------
+    group_mse : dict of str to dict
+        ``{group: {"mse", "n_clips"}}``.
+    region_mse : dict of int to dict
+        ``{label: {"mse", "n_clips"}}``.
+    example : dict or None
+        :func:`reconstruction_example` of the first clip.
+    """
+    group_mse: dict[str, Any] = {}
+    region_mse: dict[int, Any] = {}
+    example: dict[str, Any] = {}
+    try:
+        present = set(torch.unique(voxel_labels).tolist()) - {0}
+        units = {**{f"group:{g}": v for g, v in groups.items()}, **{f"label:{i}": (i,) for i in sorted(present)}}
+        values = evaluate_regions(trainer.model, eval_set, setup, voxel_labels, units, seed=seed,
+                                  device=trainer.device, batch_size=trainer.settings.batch_size,
+                                  autocast=trainer.autocast, max_clips=max_clips, example=example)
+        group_mse = {k.split(":", 1)[1]: v for k, v in values.items() if k.startswith("group:")}
+        region_mse = {int(k.split(":", 1)[1]): v for k, v in values.items() if k.startswith("label:")}
+    except Exception as exc:  # noqa: BLE001 - evaluation for the report must not fail a finished training
+        LOGGER.warning("final per-region evaluation failed: %s", exc)
+    if not example:
+        try:
+            example = reconstruction_example(trainer.model, eval_set, 0, setup, seed=seed, device=trainer.device,
+                                             autocast=trainer.autocast)
+        except Exception as exc:  # noqa: BLE001
+            LOGGER.warning("reconstruction example failed: %s", exc)
+    return group_mse, region_mse, example or None

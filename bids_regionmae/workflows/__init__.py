@@ -1,7 +1,10 @@
 """Stage workflows: what each ``analysis_level`` / ``--stage`` runs.
 
-Stage modules are imported lazily so that ``regionmae --help`` stays fast
-and a stage's heavy dependencies load only when it runs.
+Every stage opens a :class:`~bids_regionmae.workflows.session.Session`
+(device, process group, output dataset, run selection, atlas, ``--model``,
+masking plan) and only orchestrates the rooms. Stage modules are imported
+lazily so that ``regionmae --help`` stays fast and a stage's heavy
+dependencies load only when it runs.
 """
 
 from __future__ import annotations
@@ -9,6 +12,9 @@ from __future__ import annotations
 from importlib import import_module
 
 from bids_regionmae.config import RunConfig
+from bids_regionmae.workflows.session import default_stage
+
+__all__ = ["STAGE_MODULES", "default_stage", "run_workflow"]
 
 #: stage name -> module path of a ``run(config) -> int`` function.
 STAGE_MODULES = {
@@ -18,15 +24,6 @@ STAGE_MODULES = {
     "finetune": "bids_regionmae.workflows.finetune",
     "compare": "bids_regionmae.workflows.compare",
 }
-
-
-def default_stage(config: RunConfig) -> str:
-    """The stage a configuration runs when ``--stage`` is not given."""
-    if config.stage:
-        return config.stage
-    if config.analysis_level == "participant":
-        return "predict" if config.model_dir else "preprocess"
-    return "pretrain"
 
 
 def run_workflow(config: RunConfig) -> int:

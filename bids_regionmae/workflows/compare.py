@@ -1,22 +1,22 @@
 """Group level, ``--stage compare``: the masking-strategy experiment of the region-aware paper.
 
-For every entry of ``--strategies`` (``config.finetune.strategies``; default
-``random`` + the seven lobe groups)::
+Every entry of ``--strategies`` (``config.finetune.strategies``; default
+``random`` + the seven lobe groups) is a masking choice in the vocabulary of
+``--mask-strategy`` / ``--regions``::
 
     random          random tube masking (ratio --mask-ratio)
     random-region   whole atlas regions drawn at random (ratio --mask-ratio)
-    <region>        region-aware masking of that region (a lobe group such as
+    <region>        region-aware masking of that selection (a lobe group such as
                     cerebellum or limbic, an AAL3 region name, cerebellum+frontal, ...)
 
-it
+turned into a masking plan by the same constructor as a single pretraining
+(:meth:`bids_regionmae.workflows.session.Session.masking_plan`). For each, it
 
-1. pretrains a masked autoencoder through the ``pretrain`` stage with the
-   masking settings overridden (one model directory per strategy,
-   ``output_dir/models/pretrain_<masking>_<variant>_seed-<seed>/``; the
-   other settings, seed and participant split are shared);
-2. fine-tunes it on ``--target`` through the ``finetune`` stage code with
-   the *same* evaluation splits and seeds for every strategy
-   (``output_dir/models/finetune_<target>_from-<pretrain dir>/``);
+1. pretrains a masked autoencoder (:func:`bids_regionmae.workflows.pretrain.pretrain_model`;
+   one model directory per strategy, the other settings, seed and
+   participant split shared);
+2. fine-tunes it on ``--target`` (:func:`bids_regionmae.workflows.finetune.run_finetune`)
+   with the *same* evaluation splits and seeds for every strategy;
 3. measures reconstruction: the strategy's own validation masked MSE (its
    ``training_summary.json``), and a *common* MSE -- random tube masking,
    with per-clip masks drawn from ``(seed, clip index)``, so identical for
@@ -47,7 +47,6 @@ everything.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -55,13 +54,31 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bids_regionmae.config import RunConfig
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from bids_regionmae.atomic import atomic_write_json
+from bids_regionmae.choices import MASK_STRATEGIES
+from bids_regionmae.config import MaskingConfig, RunConfig
 from bids_regionmae.errors import EXIT_OK, UsageError
+from bids_regionmae.evaluation.splits import save_splits
+from bids_regionmae.finetune.cv import pooled_summary, summary_floats
+from bids_regionmae.masking import MaskingPlan
+from bids_regionmae.models.mamba import resolve_backend
+from bids_regionmae.models.model_dir import ModelDir
+from bids_regionmae.models.registry import get_spec
+from bids_regionmae.outputs.naming import compare_dir, pretrain_dir_name
+from bids_regionmae.reports.evaluation import comparison_row, write_comparison
+from bids_regionmae.train.data import ClipDataset
+from bids_regionmae.train.engine import EvalContext, resolve_precision
+from bids_regionmae.train.pretrain import MaskingSetup, make_eval_fn
+from bids_regionmae.workflows.finetune import baseline_for, evaluation_splits, load_cohort, run_finetune
+from bids_regionmae.workflows.pretrain import load_data, pretrain_model
+from bids_regionmae.workflows.session import Session, open_session, seed_everything
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["COMMON_MSE_CLIPS", "DEFAULT_STRATEGIES", "common_reconstruction_mse", "pretrain_config",
-           "pretrained_dir", "run"]
+__all__ = ["COMMON_MSE_CLIPS", "DEFAULT_STRATEGIES", "common_reconstruction_mse", "entry_masking", "run"]
 
 #: The paper's main experiment: random tube masking and each lobe group.
 DEFAULT_STRATEGIES = ("random", "frontal", "parietal", "temporal", "occipital", "limbic", "cerebellum",
@@ -83,54 +100,110 @@ def run(config: RunConfig) -> int:
     UsageError
         No ``--target``, an unknown region in ``--strategies``, or repeated strategies.
     """
-    from bids_regionmae.train.engine import cleanup_distributed, init_distributed
+    strategies = list(config.finetune.strategies or DEFAULT_STRATEGIES)
+    if len(set(strategies)) != len(strategies):
+        raise UsageError(f"--strategies repeats an entry: {strategies}")
+    if not config.finetune.target:
+        raise UsageError("--stage compare needs --target COLUMN: the strategies are compared on fine-tuning "
+                         "accuracy (e.g. --target diagnosis)")
+    with open_session(config) as session:
+        compare(session, strategies)
+    return EXIT_OK
 
-    info = init_distributed(config.device)
-    try:
-        return _run(config, info)
-    finally:
-        cleanup_distributed(info)
+
+def entry_masking(masking: MaskingConfig, entry: str) -> MaskingConfig:
+    """The masking settings of one ``--strategies`` entry: a strategy name, else a region selection."""
+    if entry in MASK_STRATEGIES:
+        return masking.model_copy(update={"strategy": entry})
+    return masking.model_copy(update={"strategy": "region", "regions": (entry,)})
 
 
-# --------------------------------------------------------------------------- strategies
+def _plans(session: Session, strategies: list[str]) -> dict[str, tuple[MaskingPlan, Path]]:
+    """Masking plan and pretraining directory of every entry (region names are checked here, before training)."""
+    config = session.config
+    variant = get_spec(config.model.variant).name
+    out = {}
+    for entry in strategies:
+        plan = session.masking_plan(entry_masking(config.masking, entry))
+        out[entry] = (plan, session.output_dir / "models" / pretrain_dir_name(plan, variant, config.seed))
+    if len({d for _, d in out.values()}) != len(out):
+        raise UsageError(f"--strategies {strategies}: two entries pretrain the same model")
+    return out
 
 
-def pretrain_config(config: RunConfig, strategy: str) -> RunConfig:
-    """``config`` for pretraining with masking strategy ``strategy``.
-
-    ``random`` and ``random-region`` select those strategies; anything else is
-    region-aware masking of that selection (``cerebellum``, ``cerebellum+frontal``...).
-    """
-    if strategy in ("random", "random-region"):
-        masking = config.masking.model_copy(update={"strategy": strategy})
+def _pretrained(session: Session, entry: str, plan: MaskingPlan, model_dir: Path) -> ModelDir:
+    """The pretraining directory of ``entry``: trained now unless a finished one exists (and --resume)."""
+    config = session.config
+    done = ModelDir.is_saved(model_dir) and (model_dir / "training_summary.json").is_file()
+    if done and config.train.resume:
+        LOGGER.info("compare: %s already pretrained (%s)", entry, model_dir)
     else:
-        masking = config.masking.model_copy(update={"strategy": "region", "regions": (strategy,)})
-    return config.model_copy(update={"stage": "pretrain", "masking": masking, "model_dir": None})
+        LOGGER.info("compare: pretraining %s -> %s", entry, model_dir)
+        pre_config = config.model_copy(update={"stage": "pretrain", "model_dir": None,
+                                               "masking": entry_masking(config.masking, entry)})
+        seed_everything(config.seed)
+        pretrain_model(session.derive(pre_config, write_config=True), plan)
+    session.barrier()
+    return ModelDir.open(model_dir)
 
 
-def pretrained_dir(config: RunConfig, output_dir: Path, label_names: Mapping[int, str]) -> Path:
-    """The model directory the pretrain stage writes for ``config`` (see :func:`model_dir_name`)."""
-    from bids_regionmae.models.registry import get_spec
-    from bids_regionmae.train.pretrain import model_dir_name
-    from bids_regionmae.workflows.pretrain import resolve_masked_region
+def compare(session: Session, strategies: list[str]) -> Path:
+    """Pretrain and fine-tune every entry of ``strategies``, then write the comparison (rank 0).
 
-    region, _ = resolve_masked_region(config, label_names)
-    m = config.masking
-    name = model_dir_name(m.strategy, [region] if region else [], get_spec(config.model.variant).name, config.seed,
-                          ratio=m.mask_ratio, fraction=m.mask_fraction, level=m.level)
-    return output_dir / "models" / name
+    Returns
+    -------
+    Path
+        The comparison folder.
+    """
+    config = session.config
+    plans = _plans(session, strategies)
+    cohort = load_cohort(session)
+    splits = evaluation_splits(session, cohort)
+    out_dir = compare_dir(session.output_dir, cohort.task.target)
+    if session.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        session.write_config(out_dir)
+        save_splits(out_dir / "splits.json", splits, metadata={"target": cohort.task.target, "seed": config.seed,
+                                                               "strategies": strategies})
+    baseline = baseline_for(session, cohort, splits, out_dir / "baseline_folds.json")
+    common_path = out_dir / "common_mse.json"
+    common: dict[str, Any] = {}
+    if common_path.is_file() and config.train.resume:
+        common = json.loads(common_path.read_text(encoding="utf-8"))
+    rows = []
+    for entry, (plan, model_dir) in plans.items():
+        pretrained = _pretrained(session, entry, plan, model_dir)
+        ft_session = session.derive(config.model_copy(update={"stage": "finetune", "model_dir": str(model_dir)}))
+        result = run_finetune(ft_session, cohort, splits, pretrained=pretrained, baseline=baseline,
+                              with_baseline=baseline is not None)
+        own = (pretrained.read_json(pretrained.layout.training_summary) or {}).get("final_val_loss")
+        if model_dir.name not in common:
+            common[model_dir.name] = common_reconstruction_mse(session, pretrained)
+            if session.is_main:
+                atomic_write_json(common_path, common)
+        rows.append(comparison_row(entry, summary_floats(result.summary), recon_mse=own,
+                                   common_recon_mse=common[model_dir.name]["mse"], masking=plan.strategy,
+                                   pretrained_dir=model_dir.name, finetuned_dir=result.model_dir.name))
 
-
-def _pretraining_done(model_dir: Path) -> bool:
-    return (model_dir / "training_summary.json").is_file() and any(
-        p.name.startswith("model.") for p in model_dir.iterdir())
+    ft_session = session.derive(config.model_copy(update={"stage": "finetune", "model_dir": None}))
+    scratch = run_finetune(ft_session, cohort, splits, pretrained=None, baseline=baseline,
+                           with_baseline=baseline is not None)
+    rows.append(comparison_row("no-pretraining", summary_floats(scratch.summary), masking="none",
+                               finetuned_dir=scratch.model_dir.name))
+    if baseline:
+        rows.append(comparison_row("connectivity-baseline", summary_floats(pooled_summary(baseline)),
+                                   masking="none"))
+    if session.is_main:
+        write_comparison(out_dir, rows, name="masking_comparison")
+        LOGGER.info("masking comparison written to %s", out_dir / "masking_comparison.html")
+    return out_dir
 
 
 # --------------------------------------------------------------------------- reconstruction
 
 
-def common_reconstruction_mse(model_dir: Path, config: RunConfig, output_dir: Path, *, device: Any,
-                              max_clips: int = COMMON_MSE_CLIPS) -> dict[str, Any]:
+def common_reconstruction_mse(session: Session, pretrained: ModelDir, *,
+                              max_clips: int = COMMON_MSE_CLIPS) -> Mapping[str, Any]:
     """Masked MSE of a pretrained model under random tube masking on its validation clips.
 
     The masks are drawn per clip from ``(config.seed, clip index)``
@@ -144,42 +217,22 @@ def common_reconstruction_mse(model_dir: Path, config: RunConfig, output_dir: Pa
     dict
         ``mse`` (float, NaN without clips), ``n_clips``, ``mask_ratio``, ``participants``.
     """
-    import torch
-    from torch.utils.data import DataLoader, Subset
 
-    from bids_regionmae.grid import MODEL_SHAPE
-    from bids_regionmae.masking import build_masker
-    from bids_regionmae.models.checkpoint import load_model
-    from bids_regionmae.models.mamba import resolve_backend
-    from bids_regionmae.train.data import ClipDataset, downsample_factors, downsample_labels, downsample_mask
-    from bids_regionmae.train.engine import EvalContext, resolve_precision
-    from bids_regionmae.train.pretrain import MaskingSetup, make_eval_fn
-    from bids_regionmae.workflows.pretrain import load_model_grid_atlas, select_runs
-
-    device = torch.device(device)
-    manifest = json.loads((model_dir / "data_manifest.json").read_text(encoding="utf-8"))
-    val_subjects = list(manifest.get("participants", {}).get("validation") or [])
-    if not val_subjects:
-        val_subjects = list(manifest.get("participants", {}).get("train") or [])
-    loaded = load_model(model_dir, backend=resolve_backend(config.model.backend, device))
-    model = loaded[0] if isinstance(loaded, tuple) else getattr(loaded, "model", loaded)
+    config, device = session.config, session.device
+    data_record = pretrained.meta.data
+    val_subjects = list(data_record.val_participants or data_record.train_participants)
+    model = pretrained.load_mae(resolve_backend(config.model.backend, device)).to(device).eval()
     spec = model.spec
-    model = model.to(device).eval()
-    runs = select_runs(output_dir, config)
-    voxel_full, _, _, _ = load_model_grid_atlas(output_dir, config)
-    factors = downsample_factors(MODEL_SHAPE, spec.img_size[:3])
-    voxel_labels = downsample_labels(voxel_full, factors)
-    group_brain = torch.stack([downsample_mask(r.mask, factors) for r in runs]).float().mean(0) > 0.5
-    masker = build_masker("random", voxel_labels, spec.patch_size, ratio=config.masking.mask_ratio,
-                          rule=config.atlas.patch_rule, brain_mask=group_brain, T=spec.img_size[3], device=device)
-    background = float(runs[0].meta.get("normalization", {}).get("background_value", 0.0) or 0.0)
-    setup = MaskingSetup(masker=masker, patch_size=tuple(spec.patch_size), level=config.masking.level,
-                         include_background=config.masking.include_background, norm_patch=False,
-                         background=background)
-    val_set = ClipDataset(runs, spec.img_size, subjects=val_subjects)
+    data = load_data(session, spec)
+    plan = MaskingPlan("random", rule=config.atlas.patch_rule, ratio=config.masking.mask_ratio,
+                       level=config.masking.level, include_background=config.masking.include_background)
+    masker = plan.build_masker(data.voxel_labels, spec.patch_size, T=spec.img_size[3], brain_mask=data.group_brain,
+                               device=device)
+    setup = MaskingSetup.from_plan(plan, masker, background=data.background)
+    val_set = ClipDataset(data.runs, spec.img_size, subjects=val_subjects)
     n = min(len(val_set), max_clips)
     if n == 0:
-        return {"mse": math.nan, "n_clips": 0, "mask_ratio": config.masking.mask_ratio, "participants": val_subjects}
+        return {"mse": math.nan, "n_clips": 0, "mask_ratio": plan.ratio, "participants": val_subjects}
     loader = DataLoader(Subset(val_set, range(n)), batch_size=config.train.batch_size)
     bf16 = resolve_precision(config.train.precision, device) == "bf16"
 
@@ -188,101 +241,7 @@ def common_reconstruction_mse(model_dir: Path, config: RunConfig, output_dir: Pa
 
     ctx = EvalContext(step=0, epoch=0, rank=0, world_size=1, device=device, seed=config.seed, autocast=autocast)
     with torch.no_grad():
-        sums = make_eval_fn(setup, voxel_labels, {})(model, loader, ctx)
+        sums = make_eval_fn(setup, data.voxel_labels, {})(model, loader, ctx)
     total, count = sums["val_loss"]
-    return {"mse": total / count if count else math.nan, "n_clips": int(count),
-            "mask_ratio": config.masking.mask_ratio, "participants": val_subjects}
-
-
-# --------------------------------------------------------------------------- main
-
-
-def _row(strategy: str, summary: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
-    from bids_regionmae.evaluation.report import comparison_row
-    from bids_regionmae.workflows.finetune import summary_floats
-
-    recon = extra.pop("recon_mse", None)
-    return comparison_row(strategy, summary_floats(summary), recon_mse=recon, **extra)
-
-
-def _run(config: RunConfig, info: Any) -> int:
-    from bids_regionmae.atomic import atomic_write_json
-    from bids_regionmae.evaluation.splits import save_splits
-    from bids_regionmae.finetune.cv import pooled_summary
-    from bids_regionmae.workflows import pretrain as pretrain_stage
-    from bids_regionmae.workflows.common import prepare_run
-    from bids_regionmae.workflows.finetune import (
-        _safe,
-        baseline_results,
-        cv_splits,
-        load_cohort,
-        run_finetune,
-    )
-
-    strategies = list(config.finetune.strategies or DEFAULT_STRATEGIES)
-    if len(set(strategies)) != len(strategies):
-        raise UsageError(f"--strategies repeats an entry: {strategies}")
-    if not config.finetune.target:
-        raise UsageError("--stage compare needs --target COLUMN: the strategies are compared on fine-tuning "
-                         "accuracy (e.g. --target diagnosis)")
-    ctx = prepare_run(config, write_config=info.is_main)
-    output_dir = ctx.output_dir
-    _, label_names, _, _ = pretrain_stage.load_model_grid_atlas(output_dir, config)
-    configs = {s: pretrain_config(config, s) for s in strategies}
-    dirs = {s: pretrained_dir(c, output_dir, label_names) for s, c in configs.items()}  # validates region names
-    if len(set(dirs.values())) != len(dirs):
-        raise UsageError(f"--strategies {strategies}: two entries pretrain the same model")
-
-    cohort = load_cohort(config, output_dir)
-    splits = cv_splits(cohort, config)
-    out_dir = output_dir / "group" / f"compare_{_safe(cohort.task.target)}"
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ctx.write_config(out_dir)
-        save_splits(out_dir / "splits.json", splits, metadata={"target": cohort.task.target, "seed": config.seed,
-                                                               "strategies": strategies})
-    try:
-        baseline = baseline_results(cohort, splits, config, output_dir,
-                                    cache=out_dir / "baseline_folds.json" if info.is_main else None)
-    except Exception as exc:  # noqa: BLE001 - the strategies are still compared
-        LOGGER.error("the connectivity baseline failed (%s: %s); no baseline row", type(exc).__name__, exc)
-        baseline = None
-    common_path = out_dir / "common_mse.json"
-    common: dict[str, Any] = {}
-    if common_path.is_file() and config.train.resume:
-        common = json.loads(common_path.read_text(encoding="utf-8"))
-
-    rows = []
-    for strategy in strategies:
-        model_dir = dirs[strategy]
-        if _pretraining_done(model_dir) and config.train.resume:
-            LOGGER.info("compare: %s already pretrained (%s)", strategy, model_dir)
-        else:
-            LOGGER.info("compare: pretraining %s -> %s", strategy, model_dir)
-            pretrain_stage.run(configs[strategy])
-        ft_config = config.model_copy(update={"stage": "finetune", "model_dir": str(model_dir)})
-        ft_ctx = dataclasses.replace(ctx, config=ft_config)
-        result = run_finetune(ft_ctx, ft_config, cohort, splits, info=info, pretrained=model_dir, baseline=baseline,
-                              with_baseline=baseline is not None)
-        own = json.loads((model_dir / "training_summary.json").read_text(encoding="utf-8")).get("final_val_loss")
-        if model_dir.name not in common:
-            common[model_dir.name] = common_reconstruction_mse(model_dir, config, output_dir, device=info.device)
-            if info.is_main:
-                atomic_write_json(common_path, common)
-        rows.append(_row(strategy, result.summary, recon_mse=own,
-                         common_recon_mse=common[model_dir.name]["mse"],
-                         masking=configs[strategy].masking.strategy, pretrained_dir=model_dir.name,
-                         finetuned_dir=result.model_dir.name))
-
-    scratch_config = config.model_copy(update={"stage": "finetune", "model_dir": None})
-    scratch = run_finetune(dataclasses.replace(ctx, config=scratch_config), scratch_config, cohort, splits,
-                           info=info, pretrained=None, baseline=baseline, with_baseline=baseline is not None)
-    rows.append(_row("no-pretraining", scratch.summary, masking="none", finetuned_dir=scratch.model_dir.name))
-    if baseline:
-        rows.append(_row("connectivity-baseline", pooled_summary(baseline), masking="none"))
-    if info.is_main:
-        from bids_regionmae.evaluation.report import write_comparison
-
-        write_comparison(out_dir, rows, name="masking_comparison")
-        LOGGER.info("masking comparison written to %s", out_dir / "masking_comparison.html")
-    return EXIT_OK
+    return {"mse": total / count if count else math.nan, "n_clips": int(count), "mask_ratio": plan.ratio,
+            "participants": val_subjects}

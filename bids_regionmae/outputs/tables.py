@@ -1,4 +1,8 @@
-"""BIDS tabular files: write rows as TSV (``n/a`` for missing values) and read them back."""
+"""BIDS tabular files: the one TSV writer (``n/a`` for missing values) and its reader.
+
+Every TSV of the app is written by :func:`write_table` (atomically, with an
+optional JSON sidecar describing the columns) and read back by :func:`read_tsv`.
+"""
 
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ def format_value(value: Any, digits: int = 7) -> str:
 
 def write_table(path: str | Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *,
                 json_path: str | Path | None = None, descriptions: Mapping[str, Any] | None = None,
-                sidecar: Mapping[str, Any] | None = None) -> list[Path]:
+                sidecar: Mapping[str, Any] | None = None, digits: int = 7) -> list[Path]:
     """Write a TSV (and its JSON sidecar) atomically.
 
     Parameters
@@ -54,6 +58,8 @@ def write_table(path: str | Path, rows: Sequence[Mapping[str, Any]], columns: Se
         or a plain string) and ``sidecar``.
     descriptions : mapping, optional
     sidecar : mapping, optional
+    digits : int
+        Significant digits of floats.
 
     Returns
     -------
@@ -62,7 +68,7 @@ def write_table(path: str | Path, rows: Sequence[Mapping[str, Any]], columns: Se
     buf = io.StringIO()
     buf.write("\t".join(columns) + "\n")
     for row in rows:
-        buf.write("\t".join(format_value(row.get(c)) for c in columns) + "\n")
+        buf.write("\t".join(format_value(row.get(c), digits) for c in columns) + "\n")
     written = [atomic_write_text(path, buf.getvalue())]
     if json_path is not None:
         content: dict[str, Any] = {}

@@ -3,13 +3,13 @@
 Nothing here is used at run time. :func:`write_labelled_cohort` writes
 
 - a model-ready store into ``output_dir`` (the on-disk format of participant
-  level, through :func:`bids_regionmae.train.testing.write_synthetic_store`:
+  level, through :func:`bids_regionmae.testing.store.write_synthetic_store`:
   float16 ``(T, 96, 96, 96)`` arrays, brain masks, clip indexes, sidecars);
 - a stand-in fMRIPrep dataset at ``bids_dir`` holding only
   ``dataset_description.json`` and ``participants.tsv`` (columns
   ``participant_id``, ``diagnosis`` = ``ADHD``/``Control``, ``site`` =
   ``A``/``B``/..., ``age``);
-- the synthetic AAL3-like label map (:func:`bids_regionmae.train.testing.synthetic_labels`)
+- the synthetic AAL3-like label map (:func:`bids_regionmae.testing.store.synthetic_labels`)
   as a NIfTI on the model grid, to pass as ``--atlas-file``.
 
 The label is planted in one region group: in ``ADHD`` participants the
@@ -92,7 +92,7 @@ def write_labelled_cohort(root: str | Path, n_subjects: int = 12, n_frames: int 
     """
     import nibabel as nib
 
-    from bids_regionmae.train.testing import synthetic_labels, write_synthetic_store
+    from bids_regionmae.testing.store import synthetic_labels, write_synthetic_store
 
     root = Path(root)
     bids_dir = root / "fmriprep"

@@ -1,12 +1,12 @@
 """Small synthetic model-ready stores and model-grid label maps for tests and benchmarks.
 
-Nothing here is used at run time. The files follow the on-disk format that
-participant level writes (documented in :mod:`bids_regionmae.preprocess.store`):
-a float16 ``(T, 96, 96, 96)`` ``.npy`` per run, its brain mask and mean image
-as NIfTI on the model grid, a clip index TSV and, written last, the JSON
-sidecar that marks the run complete. The names are spelled out here (not
-built with the output patterns) so that this inner room does not import the
-outer ones; ``find_model_ready_runs`` reading these stores back is tested.
+Nothing here is used at run time. The runs are written through the store's
+own code (:mod:`bids_regionmae.preprocess.store`: names from
+:func:`model_ready_paths`, the brain mask, clip index and sidecar writers),
+so they are exactly what participant level writes: a float16
+``(T, 96, 96, 96)`` ``.npy`` per run, its brain mask (and optionally mean
+image) as NIfTI on the model grid, a clip index TSV and, written last, the
+JSON sidecar that marks the run complete.
 
 The signal is a few smooth spatial modes driven by slow sinusoids with a
 per-participant phase, plus a little noise, z-scored inside an ellipsoidal
@@ -16,20 +16,21 @@ within a few dozen steps.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from bids_regionmae.grid import MODEL_AFFINE, MODEL_SHAPE
+from bids_regionmae.grid import MODEL_AFFINE, MODEL_RES, MODEL_SHAPE, MODEL_SPACE
+from bids_regionmae.preprocess.store import (
+    model_ready_paths,
+    save_model_grid_image,
+    write_brain_mask,
+    write_clip_index,
+    write_sidecar,
+)
 
 __all__ = ["synthetic_brain_mask", "synthetic_labels", "write_synthetic_store"]
-
-#: Store format written (must match ``bids_regionmae.preprocess.store.FORMAT``/``FORMAT_VERSION``).
-STORE_FORMAT = "regionmae-modelready"
-STORE_FORMAT_VERSION = 1
-
 
 def _coords(shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Normalised coordinates in [-1, 1] along x, y, z, broadcastable to ``shape``."""
@@ -76,14 +77,6 @@ def synthetic_labels(shape: Sequence[int] = MODEL_SHAPE) -> np.ndarray:
     return labels
 
 
-def _nifti(path: Path, data: np.ndarray) -> None:
-    import nibabel as nib
-
-    img = nib.Nifti1Image(data, MODEL_AFFINE)
-    img.header.set_xyzt_units("mm")
-    nib.save(img, str(path))
-
-
 def write_synthetic_store(output_dir: str | Path, n_subjects: int = 4, n_frames: int = 16, *, clip_length: int = 8,
                           runs_per_subject: int = 1, seed: int = 0, noise: float = 0.1,
                           subject_prefix: str = "", write_mean: bool = False) -> list[Path]:
@@ -116,67 +109,64 @@ def write_synthetic_store(output_dir: str | Path, n_subjects: int = 4, n_frames:
     """
     output_dir = Path(output_dir)
     rng = np.random.default_rng(seed)
-    x, y, z = _coords(MODEL_SHAPE)
-    n_modes = 4
-    modes = np.stack([np.broadcast_to(np.cos(np.pi * (k + 1) * x / 2 + k) * np.cos(np.pi * y * (k % 2 + 1))
-                                      * np.cos(np.pi * z * (k // 2 + 1) / 2), MODEL_SHAPE).reshape(-1)
-                      for k in range(n_modes)]).astype(np.float32)  # (K, N)
+    modes = _modes()
     sidecars = []
     for s in range(1, n_subjects + 1):
         subject = f"{subject_prefix}{s:02d}"
         mask = synthetic_brain_mask(MODEL_SHAPE, scale=1.0 + 0.02 * rng.standard_normal())
-        mask_flat = mask.reshape(-1)
-        brain_index = np.flatnonzero(mask_flat)
-        modes_in = modes[:, brain_index]
-        phase = rng.uniform(0, 2 * np.pi, size=n_modes)
+        phase = rng.uniform(0, 2 * np.pi, size=len(modes))
         for r in range(1, runs_per_subject + 1):
-            prefix = f"sub-{subject}_task-rest_run-{r}_space-MNI152NLin6Asym_res-2"
-            func = output_dir / f"sub-{subject}" / "func"
-            func.mkdir(parents=True, exist_ok=True)
-            t = np.arange(n_frames, dtype=np.float32)[:, None]
-            courses = np.sin(2 * np.pi * t / (6.0 + 2 * np.arange(n_modes)) + phase + r).astype(np.float32)
-            inside = courses @ modes_in  # (T, N_brain)
-            inside += noise * rng.standard_normal(inside.shape, dtype=np.float32)
-            mean, std = float(inside.mean()), float(inside.std())
-            inside -= mean
-            inside /= std
-            data = np.zeros((n_frames, mask_flat.size), dtype=np.float16)
-            data[:, brain_index] = inside
-            files = {
-                "data": f"{prefix}_desc-modelready_bold.npy",
-                "mask": f"{prefix}_desc-brain_mask.nii.gz",
-                "clips": f"{prefix}_desc-modelready_clips.tsv",
-            }
-            np.save(func / files["data"], data.reshape(n_frames, *MODEL_SHAPE))
-            _nifti(func / files["mask"], mask.astype(np.uint8))
+            data, mean, std = _run_data(modes, mask, phase, r, n_frames, noise, rng)
+            entities = {"subject": subject, "task": "rest", "run": str(r)}
+            paths = model_ready_paths(entities, output_dir)
+            paths["data"].parent.mkdir(parents=True, exist_ok=True)
+            np.save(paths["data"], data)
+            write_brain_mask(paths, mask)
+            files = {name: paths[name].name for name in ("data", "mask", "clips")}
             if write_mean:
-                files["mean"] = f"{prefix}_desc-mean_boldref.nii.gz"
+                files["mean"] = paths["mean"].name
                 mean_img = np.where(mask, 1000.0 + 100.0 * modes[0].reshape(MODEL_SHAPE), 0.0)
-                _nifti(func / files["mean"], mean_img.astype(np.float32))
-            rows = [(i, start, clip_length, start * 2.0)
-                    for i, start in enumerate(range(0, n_frames - clip_length + 1, clip_length))]
-            (func / files["clips"]).write_text("clip\tonset_frame\tn_frames\tonset_seconds\n" + "".join(
-                f"{i}\t{a}\t{n}\t{o:g}\n" for i, a, n, o in rows), encoding="utf-8")
-            sidecar = {
-                "format": STORE_FORMAT,
-                "format_version": STORE_FORMAT_VERSION,
-                "complete": True,
+                save_model_grid_image(mean_img.astype(np.float32), paths["mean"])
+            n_clips = write_clip_index(paths["clips"], n_frames, clip_length, clip_length, np.arange(n_frames) * 2.0)
+            write_sidecar(paths["sidecar"], {
                 "run_id": f"sub-{subject}_task-rest_run-{r}",
-                "entities": {"subject": subject, "task": "rest", "run": str(r)},
+                "entities": entities,
                 "sources": {"bold": {"path": f"synthetic/sub-{subject}_run-{r}_bold.nii.gz", "size": 0,
                                      "sha256": f"{rng.integers(0, 2**63):064x}"}},
-                "space": "MNI152NLin6Asym",
-                "resolution": "2",
+                "space": MODEL_SPACE, "resolution": MODEL_RES,
                 "grid": {"shape": list(MODEL_SHAPE), "affine": MODEL_AFFINE.tolist()},
                 "repetition_time": 2.0,
                 "frames": {"total": n_frames, "dropped": [], "kept": n_frames, "output": n_frames},
                 "normalization": {"mean": mean, "std": std, "background_value": 0.0},
-                "clips": {"length": clip_length, "stride": clip_length, "count": len(rows)},
+                "clips": {"length": clip_length, "stride": clip_length, "count": n_clips},
                 "files": files,
                 "inputs_fingerprint": f"synthetic-{seed}-{subject}-{r}",
                 "synthetic": True,
-            }
-            path = func / f"{prefix}_desc-modelready_bold.json"
-            path.write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
-            sidecars.append(path)
+            })
+            sidecars.append(paths["sidecar"])
     return sorted(sidecars)
+
+
+def _modes(n_modes: int = 4) -> np.ndarray:
+    """Smooth spatial modes on the model grid, float32 (K, N)."""
+    x, y, z = _coords(MODEL_SHAPE)
+    return np.stack([np.broadcast_to(np.cos(np.pi * (k + 1) * x / 2 + k) * np.cos(np.pi * y * (k % 2 + 1))
+                                     * np.cos(np.pi * z * (k // 2 + 1) / 2), MODEL_SHAPE).reshape(-1)
+                     for k in range(n_modes)]).astype(np.float32)
+
+
+def _run_data(modes: np.ndarray, mask: np.ndarray, phase: np.ndarray, run: int, n_frames: int, noise: float,
+              rng: np.random.Generator) -> tuple[np.ndarray, float, float]:
+    """One run: the modes driven by slow sinusoids plus noise, z-scored in the brain; float16 (T, 96, 96, 96)."""
+    mask_flat = mask.reshape(-1)
+    brain_index = np.flatnonzero(mask_flat)
+    t = np.arange(n_frames, dtype=np.float32)[:, None]
+    courses = np.sin(2 * np.pi * t / (6.0 + 2 * np.arange(len(modes))) + phase + run).astype(np.float32)
+    inside = courses @ modes[:, brain_index]  # (T, N_brain)
+    inside += noise * rng.standard_normal(inside.shape, dtype=np.float32)
+    mean, std = float(inside.mean()), float(inside.std())
+    inside -= mean
+    inside /= std
+    data = np.zeros((n_frames, mask_flat.size), dtype=np.float16)
+    data[:, brain_index] = inside
+    return data.reshape(n_frames, *MODEL_SHAPE), mean, std

@@ -6,8 +6,8 @@ lengths, so axis mix-ups show. Clutter (anatomical outputs, figures,
 surfaces, transforms, CIFTI, AROMA, reports, logs) mirrors real fMRIPrep
 output so discovery is exercised on realistic directory contents.
 
-Nothing here is used at run time; it lives in the package so that tests,
-benchmarks and other rooms can build the same trees.
+Nothing here is used at run time; it lives in the package so that tests and
+benchmarks build the same trees.
 """
 
 from __future__ import annotations
@@ -20,10 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+from bids_regionmae.grid import SOURCE_AFFINE
+from bids_regionmae.synthetic import SPACES
+
 #: Real 2 mm template affines (RAS, origin as in TemplateFlow).
 AFFINES = {
-    "MNI152NLin6Asym": np.array([[2.0, 0, 0, -90], [0, 2, 0, -126], [0, 0, 2, -72], [0, 0, 0, 1]]),
-    "MNI152NLin2009cAsym": np.array([[2.0, 0, 0, -96], [0, 2, 0, -132], [0, 0, 2, -78], [0, 0, 0, 1]]),
+    "MNI152NLin6Asym": SOURCE_AFFINE,
+    "MNI152NLin2009cAsym": SPACES["MNI152NLin2009cAsym"][1],
     "T1w": np.array([[-3.0, 0, 0, 100], [0, 3, 0, -110], [0, 0, 3.3, -60], [0, 0, 0, 1]]),
 }
 #: Tiny spatial shapes per space (x != y != z to catch axis mix-ups).

@@ -1,6 +1,15 @@
-"""Names of the prediction outputs: the model label and the BIDS paths per run, participant and group.
+"""Names of every output: one module that every writer asks for its paths.
 
-Per run (``<prefix>`` = the run's entities + ``space-MNI152NLin6Asym_res-2``)::
+Model directories (``output_dir/models/``)::
+
+    pretrain_<masking>_<variant>_seed-<seed>     :func:`pretrain_dir_name`
+    finetune_<target>_from-<pretrained dir>      :func:`finetune_dir_name`
+
+Participant reports and figures: :func:`report_path`, :func:`figure_path`,
+:func:`subject_figure_path`; status logs: :func:`status_path`; the masking
+comparison: :func:`compare_dir`.
+
+Prediction outputs per run (``<prefix>`` = the run's entities + ``space-MNI152NLin6Asym_res-2``)::
 
     <prefix>_desc-<M>_embeddings.tsv (+ .json)     one row per clip and a mean row
     <prefix>_desc-<M>_predictions.tsv (+ .json)    fine-tuned models: one row per clip
@@ -26,20 +35,32 @@ Per group: ``group/predictions_<M>.tsv``, ``group/attribution_<M>.tsv`` (+ .json
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bids_regionmae.grid import MODEL_RES, MODEL_SPACE
 from bids_regionmae.outputs.derivatives import build_output_path
 
+if TYPE_CHECKING:
+    from bids_regionmae.masking import MaskingPlan
+
 __all__ = [
     "RUN_TABLES",
-    "join_label",
+    "compare_dir",
+    "figure_path",
+    "finetune_dir_name",
     "group_paths",
+    "join_label",
     "model_label",
+    "pretrain_dir_name",
+    "report_path",
     "run_output_paths",
+    "safe_name",
     "status_path",
+    "subject_figure_path",
     "subject_paths",
 ]
 
@@ -54,18 +75,76 @@ RUN_TABLES: dict[str, str] = {
 _MAX_LABEL = 48
 
 
-def model_label(model_dir: str | Path, metadata: Mapping | None = None) -> str:
+def safe_name(text: str) -> str:
+    """``text`` with every run of characters other than letters and digits turned into ``-`` (for file names)."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-") or "x"
+
+
+def pretrain_dir_name(plan: MaskingPlan, variant: str, seed: int) -> str:
+    """Name of a pretraining model directory under ``output_dir/models/``.
+
+    Pattern: ``pretrain_<masking>_<variant>_seed-<seed>`` where ``<masking>``
+    is :meth:`MaskingPlan.tag <bids_regionmae.masking.plan.MaskingPlan.tag>`:
+
+    - ``region-<regions>`` for ``region`` (selections joined by ``+``,
+      lower case, characters other than letters, digits, ``+`` and ``-``
+      dropped), with ``-frac<percent>`` when ``fraction < 1``;
+    - ``random-ratio<percent>`` for ``random``;
+    - ``randomregion-ratio<percent>`` for ``random-region``;
+
+    and ``-voxel`` is appended for voxel-level masking.
+
+    Examples
+    --------
+    >>> from bids_regionmae.masking import MaskingPlan
+    >>> pretrain_dir_name(MaskingPlan("region", "cerebellum", (95,)), "tiny", 0)
+    'pretrain_region-cerebellum_tiny_seed-0'
+    >>> pretrain_dir_name(MaskingPlan("region", "cerebellum+frontal", (1, 95), fraction=0.5), "neurostorm", 3)
+    'pretrain_region-cerebellum+frontal-frac50_neurostorm_seed-3'
+    >>> pretrain_dir_name(MaskingPlan("random", ratio=0.5), "tiny", 0)
+    'pretrain_random-ratio50_tiny_seed-0'
+    """
+    variant = re.sub(r"[^A-Za-z0-9\-]", "", variant)
+    return f"pretrain_{plan.tag()}_{variant}_seed-{int(seed)}"
+
+
+def finetune_dir_name(target: str, pretrained: str | Path | None) -> str:
+    """``finetune_<target>_from-<pretrained dir name>`` or ``finetune_<target>_from-scratch``."""
+    source = Path(pretrained).resolve().name if pretrained else "scratch"
+    return f"finetune_{safe_name(target)}_from-{source}"
+
+
+def compare_dir(output_dir: str | Path, target: str) -> Path:
+    """Folder of the masking comparison on ``target``: ``output_dir/group/compare_<target>``."""
+    return Path(output_dir) / "group" / f"compare_{safe_name(target)}"
+
+
+def report_path(output_dir: str | Path, subject: str) -> Path:
+    """``output_dir/sub-<label>/sub-<label>_report.html``."""
+    return build_output_path({"subject": subject, "suffix": "report", "extension": ".html"}, output_dir)
+
+
+def figure_path(output_dir: str | Path, entities: Mapping[str, str], desc: str, ext: str) -> Path:
+    """A run's figure: ``sub-<label>/[ses-<label>/]figures/<entities>_desc-<desc>_bold<ext>``."""
+    return build_output_path({**_base(entities), "datatype": "figures", "desc": desc, "suffix": "bold",
+                              "extension": ext}, output_dir)
+
+
+def subject_figure_path(output_dir: str | Path, subject: str, desc: str, ext: str) -> Path:
+    """A participant's figure: ``sub-<label>/figures/sub-<label>_desc-<desc>_bold<ext>``."""
+    return build_output_path({"subject": subject, "datatype": "figures", "desc": desc, "suffix": "bold",
+                              "extension": ext}, output_dir)
+
+
+def model_label(model_dir: str | Path) -> str:
     """A short alphanumeric label of a model directory for the ``desc-`` entity.
 
     The directory name is split at every character that is not a letter or a
-    digit and the parts are joined in camel case; a ``label`` in the model's
-    metadata wins.
+    digit and the parts are joined in camel case.
 
     Parameters
     ----------
     model_dir : path
-    metadata : mapping, optional
-        The model's metadata (``extra`` of the checkpoint).
 
     Returns
     -------
@@ -79,14 +158,12 @@ def model_label(model_dir: str | Path, metadata: Mapping | None = None) -> str:
     >>> model_label("models/finetune_dx_linear-probe")
     'finetuneDxLinearProbe'
     """
-    raw = str((metadata or {}).get("label") or Path(model_dir).resolve().name or "model")
+    raw = str(Path(model_dir).resolve().name or "model")
     parts = [p for p in re.split(r"[^A-Za-z0-9]+", raw) if p]
     if not parts:
         return "model"
     label = parts[0][0].lower() + parts[0][1:] + "".join(p[0].upper() + p[1:] for p in parts[1:])
     if len(label) > _MAX_LABEL:
-        import hashlib
-
         digest = hashlib.sha1(label.encode()).hexdigest()[:6]
         label = label[: _MAX_LABEL - 6] + digest
     return label
@@ -145,9 +222,7 @@ def run_output_paths(entities: Mapping[str, str], label: str, output_dir: str | 
             for ext in (".nii.gz", ".json"):
                 out[f"{key}_{'nii' if ext == '.nii.gz' else 'json'}"] = build_output_path(
                     {**src, "desc": desc, "suffix": suffix, "extension": ext}, output_dir)
-    out["figure_recon"] = build_output_path({**_base(entities), "datatype": "figures",
-                                             "desc": join_label("recon", label), "suffix": "bold",
-                                             "extension": ".png"}, output_dir)
+    out["figure_recon"] = figure_path(output_dir, entities, join_label("recon", label), ".png")
     return out
 
 
@@ -168,9 +243,7 @@ def subject_paths(subject: str, label: str, output_dir: str | Path) -> dict[str,
     stem = f"sub-{subject}_desc-{label}"
     out = {f"{kind}_{ext}": folder / f"{stem}_{kind}.{ext}" for kind in ("predictions", "attribution")
            for ext in ("tsv", "json")}
-    out["figure_attribution"] = build_output_path({"subject": subject, "datatype": "figures",
-                                                   "desc": join_label("attribution", label), "suffix": "bold",
-                                                   "extension": ".png"}, output_dir)
+    out["figure_attribution"] = subject_figure_path(output_dir, subject, join_label("attribution", label), ".png")
     return out
 
 

@@ -1,39 +1,45 @@
-"""Write evaluation results: TSV, JSON and a self-contained HTML page with SVG figures.
+"""Evaluation results as files: TSV, JSON and an HTML page with inline SVG figures.
 
 :func:`write_evaluation` writes one model's cross-validated results;
 :func:`write_comparison` writes the masking-strategy comparison table (one row
-per pretraining strategy). Every file is written atomically. Figures are drawn
-with matplotlib's object API (no pyplot state, no display needed) and embedded
-in the HTML as inline SVG; a figure that fails is replaced by a warning in
-the page and a logged warning, never an exception.
-
-TSV files use ``n/a`` for missing values (BIDS convention).
+per pretraining strategy). Every file is written atomically; TSVs through the
+one table writer (:func:`bids_regionmae.outputs.tables.write_table`, ``n/a``
+for missing values), pages through the one report builder
+(:class:`bids_regionmae.reports.html.HtmlReport`). Figures are drawn with
+matplotlib's object API and embedded as inline SVG; a figure that fails is
+replaced by a warning in the page and a logged warning, never an exception.
 """
 
 from __future__ import annotations
 
-import html
-import io
 import logging
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..atomic import atomic_path, atomic_write_json, atomic_write_text
-from ..errors import OutputError, UsageError
-from .labels import check_task_kind
-from .metrics import (
+from bids_regionmae.atomic import atomic_write_json
+from bids_regionmae.errors import OutputError, UsageError
+from bids_regionmae.evaluation.labels import check_task_kind
+from bids_regionmae.evaluation.metrics import (
     CLASSIFICATION_METRICS,
     REGRESSION_METRICS,
+    FoldResult,
     binary_logits,
     format_mean_sd,
     pooled_metrics,
+    softmax,
     summarise_folds,
 )
+from bids_regionmae.outputs.tables import write_table
+from bids_regionmae.reports.html import HtmlReport, Markup, format_number
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
@@ -46,20 +52,6 @@ _LABELS = {
     "specificity": "Specificity", "precision": "Precision", "mae": "MAE", "rmse": "RMSE",
     "pearson_r": "Pearson r", "r2": "R²", "recon_mse": "Recon. MSE",
 }
-
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;
-color:#222;line-height:1.4}
-h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse;margin:.8em 0;font-size:.92em}
-th,td{border:1px solid #ddd;padding:.25em .6em;text-align:right}th{background:#f3f3f3}
-td:first-child,th:first-child{text-align:left}
-tr.summary td{font-weight:600;background:#fafafa}
-.best{font-weight:700;color:#0b5}
-.warn{color:#a60;background:#fff6e5;padding:.4em;border-left:3px solid #a60}
-.fig svg{max-width:100%;height:auto}
-.note{color:#555;font-size:.9em}
-"""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -86,10 +78,9 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def _write_tsv(path: Path, frame: Any) -> Path:
+def _write_tsv(path: Path, frame: pd.DataFrame) -> Path:
     try:
-        with atomic_path(path) as tmp:
-            frame.to_csv(tmp, sep="\t", index=False, na_rep="n/a", float_format="%.6g")
+        write_table(path, frame.to_dict("records"), list(frame.columns), digits=6)
     except OSError as exc:
         raise OutputError(f"{path}: cannot write ({exc}).") from None
     return path
@@ -102,86 +93,31 @@ def _guard(write: Callable[[], Path]) -> Path:
         raise OutputError(f"cannot write evaluation output: {exc}") from None
 
 
-def _svg(draw: Callable[[Any], None], figsize: tuple[float, float]) -> str:
-    """Run ``draw(fig)`` on a fresh matplotlib Figure and return inline SVG markup."""
-    import matplotlib
-    from matplotlib.backends.backend_svg import FigureCanvasSVG
-    from matplotlib.figure import Figure
-
-    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "regionmae", "font.size": 9}):
-        fig = Figure(figsize=figsize, layout="constrained")
-        FigureCanvasSVG(fig)
-        draw(fig)
-        buf = io.StringIO()
-        fig.savefig(buf, format="svg", metadata={"Date": None})
-    text = buf.getvalue()
-    start = text.find("<svg")
-    return text[start:] if start >= 0 else text
-
-
-def _figure(title: str, draw: Callable[[Any], None], figsize: tuple[float, float]) -> str:
-    """An HTML block with the figure, or a warning block when drawing fails."""
-    try:
-        body = _svg(draw, figsize)
-    except Exception as exc:  # a broken figure never breaks the report
-        logger.warning("figure %r could not be drawn: %s: %s", title, type(exc).__name__, exc)
-        body = f'<p class="warn">Figure “{html.escape(title)}” could not be drawn: {html.escape(str(exc))}</p>'
-    return f'<h3>{html.escape(title)}</h3>\n<div class="fig">{body}</div>'
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, (float, np.floating)):
-        return "n/a" if not math.isfinite(value) else f"{value:.{digits}g}"
-    return html.escape(str(value))
-
-
-def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]], row_classes: Sequence[str] | None = None) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = []
-    for i, row in enumerate(rows):
-        cls = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
-        body.append(f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
-def _page(title: str, sections: Sequence[str]) -> str:
-    from .. import __version__
-
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head><meta charset=\"utf-8\">"
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
-        f"<h1>{html.escape(title)}</h1>\n" + "\n".join(sections)
-        + f"\n<p class=\"note\">Generated by bids_regionmae {html.escape(str(__version__))}.</p>\n</body>\n</html>\n"
-    )
-
-
 # --------------------------------------------------------------------------- figures
 
 
-def _draw_roc(fold_results: Sequence[Mapping[str, Any]], class_names: Sequence[str] | None) -> Callable[[Any], None]:
+def _draw_roc(fold_results: Sequence[FoldResult], class_names: Sequence[str] | None) -> Callable[[Figure], None]:
     from sklearn.metrics import roc_curve
 
-    def draw(fig: Any) -> None:
+    def draw(fig: Figure) -> None:
         ax = fig.add_subplot(1, 1, 1)
         grid = np.linspace(0, 1, 101)
         tprs = []
         for res in fold_results:
-            y = np.asarray(res["y_true"], dtype=np.int64)
+            y = np.asarray(res.y_true, dtype=np.int64)
             if len(np.unique(y)) < 2:
                 continue
-            score = binary_logits(res["outputs"])
+            score = binary_logits(res.outputs)
             fpr, tpr, _ = roc_curve(y, score)
-            auc = res["metrics"].get("auroc")
-            ax.plot(fpr, tpr, lw=0.8, alpha=0.5, label=f"{res['name']} (AUROC {_fmt(auc, 3)})")
+            auc = res.metrics.get("auroc")
+            ax.plot(fpr, tpr, lw=0.8, alpha=0.5, label=f"{res.name} (AUROC {format_number(auc, 3)})")
             interp = np.interp(grid, fpr, tpr)
             interp[0] = 0.0
             tprs.append(interp)
         if tprs:
             mean = np.mean(tprs, axis=0)
             mean[-1] = 1.0
-            aucs = [r["metrics"].get("auroc") for r in fold_results]
+            aucs = [r.metrics.get("auroc") for r in fold_results]
             aucs = [a for a in aucs if a is not None and math.isfinite(a)]
             ax.plot(grid, mean, color="k", lw=2, label=f"mean (AUROC {np.mean(aucs):.3f})")
             if len(tprs) > 1:
@@ -198,16 +134,14 @@ def _draw_roc(fold_results: Sequence[Mapping[str, Any]], class_names: Sequence[s
     return draw
 
 
-def _draw_roc_multiclass(fold_results: Sequence[Mapping[str, Any]],
-                         class_names: Sequence[str]) -> Callable[[Any], None]:
+def _draw_roc_multiclass(fold_results: Sequence[FoldResult],
+                         class_names: Sequence[str]) -> Callable[[Figure], None]:
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    def draw(fig: Any) -> None:
+    def draw(fig: Figure) -> None:
         ax = fig.add_subplot(1, 1, 1)
-        y = np.concatenate([np.asarray(r["y_true"], dtype=np.int64) for r in fold_results])
-        z = np.concatenate([np.asarray(r["outputs"], dtype=np.float64) for r in fold_results])
-        z = np.exp(z - z.max(axis=1, keepdims=True))
-        prob = z / z.sum(axis=1, keepdims=True)
+        y = np.concatenate([np.asarray(r.y_true, dtype=np.int64) for r in fold_results])
+        prob = softmax(np.concatenate([np.asarray(r.outputs, dtype=np.float64) for r in fold_results]), axis=1)
         for c, name in enumerate(class_names):
             target = (y == c).astype(int)
             if target.min() == target.max():
@@ -223,11 +157,11 @@ def _draw_roc_multiclass(fold_results: Sequence[Mapping[str, Any]],
     return draw
 
 
-def _draw_confusion(fold_results: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> Callable[[Any], None]:
-    def draw(fig: Any) -> None:
-        mats = [("all folds", np.sum([np.asarray(r["metrics"]["confusion_matrix"]) for r in fold_results], axis=0))]
+def _draw_confusion(fold_results: Sequence[FoldResult], class_names: Sequence[str]) -> Callable[[Figure], None]:
+    def draw(fig: Figure) -> None:
+        mats = [("all folds", np.sum([np.asarray(r.metrics["confusion_matrix"]) for r in fold_results], axis=0))]
         if len(fold_results) > 1:
-            mats += [(r["name"], np.asarray(r["metrics"]["confusion_matrix"])) for r in fold_results]
+            mats += [(r.name, np.asarray(r.metrics["confusion_matrix"])) for r in fold_results]
         ncols = min(5, len(mats))
         nrows = math.ceil(len(mats) / ncols)
         for i, (title, cm) in enumerate(mats):
@@ -248,14 +182,14 @@ def _draw_confusion(fold_results: Sequence[Mapping[str, Any]], class_names: Sequ
     return draw
 
 
-def _draw_scatter(fold_results: Sequence[Mapping[str, Any]]) -> Callable[[Any], None]:
-    def draw(fig: Any) -> None:
+def _draw_scatter(fold_results: Sequence[FoldResult]) -> Callable[[Figure], None]:
+    def draw(fig: Figure) -> None:
         ax = fig.add_subplot(1, 1, 1)
         lo, hi = math.inf, -math.inf
         for res in fold_results:
-            y = np.asarray(res["y_true"], dtype=np.float64)
-            p = np.asarray(res["outputs"], dtype=np.float64).ravel()
-            ax.scatter(y, p, s=12, alpha=0.7, label=res["name"])
+            y = np.asarray(res.y_true, dtype=np.float64)
+            p = np.asarray(res.outputs, dtype=np.float64).ravel()
+            ax.scatter(y, p, s=12, alpha=0.7, label=res.name)
             if len(y):
                 lo, hi = min(lo, y.min(), p.min()), max(hi, y.max(), p.max())
         if math.isfinite(lo):
@@ -269,7 +203,7 @@ def _draw_scatter(fold_results: Sequence[Mapping[str, Any]]) -> Callable[[Any], 
 # --------------------------------------------------------------------------- one model
 
 
-def write_evaluation(out_dir: str | Path, name: str, fold_results: Sequence[Mapping[str, Any]], task_kind: str,
+def write_evaluation(out_dir: str | Path, name: str, fold_results: Sequence[FoldResult], task_kind: str,
                      class_names: Sequence[str] | None = None) -> list[Path]:
     """Write one model's fold results as TSV, JSON and HTML.
 
@@ -310,13 +244,13 @@ def write_evaluation(out_dir: str | Path, name: str, fold_results: Sequence[Mapp
     fold_results = list(fold_results)
     if not fold_results:
         raise UsageError("write_evaluation needs at least one fold result.")
-    kinds = {r.get("task_kind", task_kind) for r in fold_results}
+    kinds = {r.task_kind for r in fold_results}
     if kinds != {task_kind}:
         raise UsageError(f"fold results are of task kind(s) {sorted(kinds)} but task_kind={task_kind!r}.")
     if class_names is None:
-        class_names = fold_results[0].get("class_names")
+        class_names = fold_results[0].class_names
     if task_kind != "regression" and not class_names:
-        n_classes = len(fold_results[0]["metrics"]["confusion_matrix"])
+        n_classes = len(fold_results[0].metrics["confusion_matrix"])
         class_names = [str(i) for i in range(n_classes)]
     out_dir = Path(out_dir)
 
@@ -324,8 +258,8 @@ def write_evaluation(out_dir: str | Path, name: str, fold_results: Sequence[Mapp
     pooled = pooled_metrics(fold_results)
     for part in ("train", "val", "test"):
         rows.insert(1 + ("train", "val", "test").index(part), f"n_{part}",
-                    [r.get("sizes", {}).get(part, math.nan) for r in fold_results])
-    models = {r.get("model") for r in fold_results} - {None}
+                    [r.sizes.get(part, math.nan) for r in fold_results])
+    models = {r.model for r in fold_results} - {None}
     metric_cols = [c for c in rows.columns if c not in ("fold", "n_train", "n_val", "n_test")]
     mean_row = {"fold": "mean", **{c: summary[c]["mean"] for c in metric_cols}}
     sd_row = {"fold": "sd", **{c: summary[c]["sd"] for c in metric_cols}}
@@ -333,7 +267,7 @@ def write_evaluation(out_dir: str | Path, name: str, fold_results: Sequence[Mapp
 
     paths = []
     paths.append(_write_tsv(out_dir / f"{name}_metrics.tsv", table))
-    splits = [r["split"] for r in fold_results if r.get("split")]
+    splits = [r.split for r in fold_results if r.split]
     payload = {
         "name": name,
         "task_kind": task_kind,
@@ -342,12 +276,23 @@ def write_evaluation(out_dir: str | Path, name: str, fold_results: Sequence[Mapp
         "n_folds": len(fold_results),
         "summary": summary,
         "pooled": pooled,
-        "folds": [{k: v for k, v in r.items() if k != "split"} for r in fold_results],
+        "folds": [{k: v for k, v in r.to_dict().items() if k != "split"} for r in fold_results],
         "splits": splits,
     }
     paths.append(_guard(lambda: atomic_write_json(out_dir / f"{name}_metrics.json", _clean(payload))))
 
-    # ---- HTML
+    report = _evaluation_page(out_dir / f"{name}_report.html", name, fold_results, task_kind, class_names, models,
+                              table, len(rows), summary, pooled, splits)
+    paths.append(_guard(lambda: report.write(strict=True)))
+    return paths
+
+
+def _evaluation_page(path: Path, name: str, fold_results: Sequence[FoldResult], task_kind: str,
+                     class_names: Sequence[str] | None, models: set[str], table: pd.DataFrame, n_folds: int,
+                     summary: Mapping[str, Any], pooled: Mapping[str, Any] | None,
+                     splits: Sequence[Mapping[str, Any]]) -> HtmlReport:
+    """The page of :func:`write_evaluation`: summary, per-fold table, figures, splits."""
+    report = HtmlReport(f"Evaluation: {name}", path)
     main = CLASSIFICATION_METRICS if task_kind != "regression" else REGRESSION_METRICS
     summary_rows = []
     for m in main:
@@ -358,45 +303,39 @@ def write_evaluation(out_dir: str | Path, name: str, fold_results: Sequence[Mapp
         summary_rows.append([_LABELS.get(m, m), format_mean_sd(summary[m]["mean"], summary[m]["sd"],
                                                                2 if pct else 3, pct),
                              str(summary[m]["n"]), pooled_txt])
-    sections = [
-        "<h2>Summary</h2>",
-        f"<p>{len(fold_results)} fold(s); task: {html.escape(task_kind)}"
-        + (f"; classes: {html.escape(', '.join(map(str, class_names)))}" if class_names else "")
-        + (f"; model: {html.escape(', '.join(sorted(models)))}" if models else "") + ".</p>",
-        _html_table(["metric", "mean ± sd over folds", "folds", "pooled test subjects"], summary_rows),
-        '<p class="note">Metrics are computed on test participants only, from subject-level outputs '
-        "(mean of clip logits). Binary: predicted positive when logit ≥ 0 (probability ≥ 0.5); AUROC on "
-        "sigmoid(logit). Multiclass: argmax; one-vs-rest macro AUROC on softmax. Folds where a metric is "
-        "undefined (e.g. a single class in the test set) are left out of its mean; sd is the sample sd.</p>",
-        "<h2>Per fold</h2>",
-    ]
-    cols = list(table.columns)
-    sections.append(_html_table(cols, [[_fmt(v) for v in rec] for rec in table.itertuples(index=False)],
-                                [""] * len(rows) + ["summary", "summary"]))
-    sections.append("<h2>Figures</h2>")
+    report.heading("Summary")
+    report.paragraph(f"{len(fold_results)} fold(s); task: {task_kind}"
+                     + (f"; classes: {', '.join(map(str, class_names))}" if class_names else "")
+                     + (f"; model: {', '.join(sorted(models))}" if models else "") + ".")
+    report.cells(["metric", "mean ± sd over folds", "folds", "pooled test subjects"], summary_rows)
+    report.paragraph("Metrics are computed on test participants only, from subject-level outputs (mean of clip "
+                     "logits). Binary: predicted positive when logit ≥ 0 (probability ≥ 0.5); AUROC on "
+                     "sigmoid(logit). Multiclass: argmax; one-vs-rest macro AUROC on softmax. Folds where a metric "
+                     "is undefined (e.g. a single class in the test set) are left out of its mean; sd is the "
+                     "sample sd.", kind="note")
+    report.heading("Per fold")
+    report.cells(list(table.columns), [[format_number(v) for v in rec] for rec in table.itertuples(index=False)],
+                 [""] * n_folds + ["summary", "summary"])
+    report.heading("Figures")
     if task_kind == "binary":
-        sections.append(_figure("ROC curves (per fold and mean)", _draw_roc(fold_results, class_names), (5.2, 5.0)))
+        report.svg_figure("ROC curves (per fold and mean)", _draw_roc(fold_results, class_names), (5.2, 5.0))
     elif task_kind == "multiclass":
-        sections.append(_figure("ROC curves (one-vs-rest)", _draw_roc_multiclass(fold_results, class_names),
-                                (5.2, 5.0)))
+        report.svg_figure("ROC curves (one-vs-rest)", _draw_roc_multiclass(fold_results, class_names), (5.2, 5.0))
     if task_kind == "regression":
-        sections.append(_figure("Predicted vs true", _draw_scatter(fold_results), (5.2, 5.0)))
+        report.svg_figure("Predicted vs true", _draw_scatter(fold_results), (5.2, 5.0))
     else:
         n_panels = 1 + (len(fold_results) if len(fold_results) > 1 else 0)
         ncols = min(5, n_panels)
         size = (2.3 * ncols + 0.4, 2.3 * math.ceil(n_panels / ncols) + 0.3)
-        sections.append(_figure("Confusion matrices", _draw_confusion(fold_results, class_names), size))
+        report.svg_figure("Confusion matrices", _draw_confusion(fold_results, class_names), size)
     if splits:
-        sections.append("<h2>Splits</h2>")
-        sections.append(_html_table(["split", "scheme", "group", "train", "val", "test"],
-                                    [[html.escape(str(s["name"])), html.escape(str(s.get("scheme"))),
-                                      html.escape(str(s.get("group") or "")), str(len(s["train"])),
-                                      str(len(s["val"])), str(len(s["test"]))] for s in splits]))
-        sections.append('<p class="note">Splits are by participant; validation and test sets are disjoint. '
-                        "Participant lists are in the JSON file.</p>")
-    page = _page(f"Evaluation: {name}", sections)
-    paths.append(_guard(lambda: atomic_write_text(out_dir / f"{name}_report.html", page)))
-    return paths
+        report.heading("Splits")
+        report.cells(["split", "scheme", "group", "train", "val", "test"],
+                     [[str(s["name"]), str(s.get("scheme")), str(s.get("group") or ""), str(len(s["train"])),
+                       str(len(s["val"])), str(len(s["test"]))] for s in splits])
+        report.paragraph("Splits are by participant; validation and test sets are disjoint. Participant lists "
+                         "are in the JSON file.", kind="note")
+    return report
 
 
 # --------------------------------------------------------------------------- comparison
@@ -439,8 +378,8 @@ def comparison_row(strategy: str, summary: Mapping[str, Mapping[str, float]], re
     return row
 
 
-def _draw_comparison(frame: Any) -> Callable[[Any], None]:
-    def draw(fig: Any) -> None:
+def _draw_comparison(frame: pd.DataFrame) -> Callable[[Figure], None]:
+    def draw(fig: Figure) -> None:
         x = np.arange(len(frame))
         labels = frame["strategy"].astype(str).tolist()
         panels = [("acc", "ACC", True), ("auroc", "AUROC", True), ("recon_mse", "Recon. MSE (masked voxels)", False)]
@@ -520,30 +459,27 @@ def write_comparison(out_dir: str | Path, rows: Sequence[Mapping[str, Any]],
 
     best_acc, best_auc, best_mse = best("acc_mean", False), best("auroc_mean", False), best("recon_mse", True)
 
-    def cell(value: Any, text: str, target: float | None) -> str:
+    def cell(value: Any, text: str, target: float | None) -> str | Markup:
         is_best = target is not None and isinstance(value, (int, float)) and math.isfinite(value) and value == target
-        return f'<span class="best">{text}</span>' if is_best else text
+        return Markup('<span class="best">{}</span>').format(text) if is_best else text
 
     body = []
     shown_extra = [c for c in extra_cols if c not in ("acc_mean", "acc_sd", "auroc_mean", "auroc_sd")]
     for r in frame.to_dict("records"):
-        line = [html.escape(str(r["strategy"])),
-                cell(r["recon_mse"], _fmt(r["recon_mse"]), best_mse),
+        line = [str(r["strategy"]),
+                cell(r["recon_mse"], format_number(r["recon_mse"]), best_mse),
                 cell(r["acc_mean"], format_mean_sd(r["acc_mean"], r["acc_sd"], 2, True), best_acc),
                 cell(r["auroc_mean"], format_mean_sd(r["auroc_mean"], r["auroc_sd"], 3), best_auc)]
-        line += [_fmt(r[c]) for c in shown_extra]
+        line += [format_number(r[c]) for c in shown_extra]
         body.append(line)
-    header = ["strategy", "recon MSE", "ACC (mean ± sd)", "AUROC (mean ± sd)"] + shown_extra
-    sections = [
-        "<h2>Masking strategies</h2>",
-        _html_table(header, body),
-        '<p class="note">ACC and AUROC: mean ± sd over cross-validation folds of the fine-tuned model '
-        "(test participants only). Recon. MSE: masked-voxel reconstruction error of the pretrained model; "
-        "lower MSE does not imply better downstream accuracy (random masking reconstructs easy voxels). "
-        "Best value per column in bold.</p>",
-        _figure("ACC, AUROC and reconstruction MSE by strategy", _draw_comparison(frame),
-                (max(7.5, 0.9 * len(frame) * 3), 3.4)),
-    ]
-    page = _page("Masking-strategy comparison", sections)
-    paths.append(_guard(lambda: atomic_write_text(out_dir / f"{name}.html", page)))
+    report = HtmlReport("Masking-strategy comparison", out_dir / f"{name}.html")
+    report.heading("Masking strategies")
+    report.cells(["strategy", "recon MSE", "ACC (mean ± sd)", "AUROC (mean ± sd)"] + shown_extra, body)
+    report.paragraph("ACC and AUROC: mean ± sd over cross-validation folds of the fine-tuned model (test "
+                     "participants only). Recon. MSE: masked-voxel reconstruction error of the pretrained model; "
+                     "lower MSE does not imply better downstream accuracy (random masking reconstructs easy "
+                     "voxels). Best value per column in bold.", kind="note")
+    report.svg_figure("ACC, AUROC and reconstruction MSE by strategy", _draw_comparison(frame),
+                      (max(7.5, 0.9 * len(frame) * 3), 3.4))
+    paths.append(_guard(lambda: report.write(strict=True)))
     return paths
